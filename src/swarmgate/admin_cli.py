@@ -1,0 +1,153 @@
+"""``swarmgate admin …``: accounts, keys, devices and models, straight on the database.
+
+Every command takes ``--json`` and then prints exactly one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Awaitable, Callable
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+import orjson
+
+from swarmgate.accounts import service
+from swarmgate.catalog import Catalog
+from swarmgate.config import GatewaySettings
+from swarmgate.errors import SwarmgateError
+from swarmgate.store.db import create_engine, migrate
+
+
+def usd_to_micros(value: str) -> int:
+    """Parses a dollar amount exactly (Decimal, never float) into micro-dollars."""
+    try:
+        amount = Decimal(value)
+    except InvalidOperation:
+        raise argparse.ArgumentTypeError(f"not an amount of dollars: {value!r}") from None
+    micros = amount * 1_000_000
+    if micros != micros.to_integral_value() or micros < 0:
+        raise argparse.ArgumentTypeError("credits must be ≥ 0 with at most 6 decimal places")
+    return int(micros)
+
+
+def add_admin_parser(sub: Any) -> None:
+    admin = sub.add_parser("admin", help="manage accounts, keys and devices")
+    admin.add_argument("--json", action="store_true", help="print one JSON object")
+    admin.add_argument("--data-dir", help="gateway data directory (SWARMGATE_DATA_DIR)")
+    admin.add_argument("--database-url", help="SWARMGATE_DATABASE_URL")
+    groups = admin.add_subparsers(dest="admin_group", required=True)
+
+    accounts = groups.add_parser("accounts").add_subparsers(dest="action", required=True)
+    create = accounts.add_parser("create", help="create an account")
+    create.add_argument("--name", required=True)
+    create.add_argument("--email")
+    create.add_argument("--credits", type=usd_to_micros, default=0, help="dollars, e.g. 5.00")
+    create.add_argument("--provider", action="store_true", help="the account owns devices")
+    create.set_defaults(run=_accounts_create)
+    accounts.add_parser("list").set_defaults(run=_accounts_list)
+
+    keys = groups.add_parser("keys").add_subparsers(dest="action", required=True)
+    key_create = keys.add_parser("create", help="create an API key (shown once)")
+    key_create.add_argument("--account", required=True)
+    key_create.add_argument("--name", default="")
+    key_create.add_argument("--test", action="store_true", help="a sandbox sg_test_ key")
+    key_create.set_defaults(run=_keys_create)
+
+    devices = groups.add_parser("devices").add_subparsers(dest="action", required=True)
+    dev_create = devices.add_parser("create", help="register a device; prints its token once")
+    dev_create.add_argument("--account", required=True)
+    dev_create.add_argument("--name", default="")
+    dev_create.set_defaults(run=_devices_create)
+    devices.add_parser("list").set_defaults(run=_devices_list)
+
+    models = groups.add_parser("models").add_subparsers(dest="action", required=True)
+    models.add_parser("list").set_defaults(run=_models_list)
+
+    admin.set_defaults(func=run_admin)
+
+
+def run_admin(args: argparse.Namespace) -> int:
+    overrides: dict[str, Any] = {}
+    if args.data_dir:
+        overrides["data_dir"] = args.data_dir
+    if args.database_url:
+        overrides["database_url"] = args.database_url
+    settings = GatewaySettings(**overrides)
+    runner: Callable[[Any, argparse.Namespace], Awaitable[dict[str, Any]]] = args.run
+
+    async def main() -> dict[str, Any]:
+        engine = create_engine(settings.database_url)
+        try:
+            await migrate(engine)
+            return await runner(engine, args)
+        finally:
+            await engine.dispose()
+
+    try:
+        result = asyncio.run(main())
+    except SwarmgateError as exc:
+        if args.json:
+            sys.stdout.write(orjson.dumps(exc.to_dict()).decode() + "\n")
+        else:
+            print(f"error: {exc.message}", file=sys.stderr)
+        return 1
+    if args.json:
+        sys.stdout.write(orjson.dumps(result).decode() + "\n")
+    else:
+        _print_human(result)
+    return 0
+
+
+def _print_human(result: dict[str, Any]) -> None:
+    if "data" in result:
+        for item in result["data"]:
+            print("  ".join(f"{k}={v}" for k, v in item.items() if v is not None))
+        return
+    for key, value in result.items():
+        print(f"{key}: {value}")
+
+
+async def _accounts_create(engine: Any, args: argparse.Namespace) -> dict[str, Any]:
+    return await service.create_account(
+        engine, name=args.name, email=args.email, credit_micros=args.credits,
+        provider=args.provider,
+    )
+
+
+async def _accounts_list(engine: Any, _args: argparse.Namespace) -> dict[str, Any]:
+    return {"object": "list", "data": await service.list_accounts(engine)}
+
+
+async def _keys_create(engine: Any, args: argparse.Namespace) -> dict[str, Any]:
+    created = await service.create_api_key(
+        engine, account_id=args.account, name=args.name, mode="test" if args.test else "live"
+    )
+    return {"id": created.id, "account_id": created.account_id, "key": created.secret,
+            "prefix": created.prefix, "created_at": created.created_at.isoformat()}
+
+
+async def _devices_create(engine: Any, args: argparse.Namespace) -> dict[str, Any]:
+    created = await service.create_device(engine, account_id=args.account, name=args.name)
+    return {"id": created.id, "account_id": created.account_id, "token": created.secret,
+            "prefix": created.prefix, "created_at": created.created_at.isoformat()}
+
+
+async def _devices_list(engine: Any, _args: argparse.Namespace) -> dict[str, Any]:
+    return {"object": "list", "data": await service.list_devices(engine)}
+
+
+async def _models_list(_engine: Any, _args: argparse.Namespace) -> dict[str, Any]:
+    catalog = Catalog.load()
+    return {
+        "object": "list",
+        "data": [
+            {"id": m.id, "tier": m.tier, "context_length": m.context_length,
+             "input_per_1m_micros": m.pricing.input_per_1m_micros,
+             "output_per_1m_micros": m.pricing.output_per_1m_micros,
+             "sha256": m.artifact.sha256 if m.artifact else None}
+            for m in catalog
+        ],
+    }

@@ -1,0 +1,44 @@
+"""The ASGI application: ``create_app(settings)`` builds a gateway and mounts the routers."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from swarmgate import __version__
+from swarmgate.api import admin, chat, health, inference, models, nodes
+from swarmgate.api.errors import install_error_handlers
+from swarmgate.api.responses import JSONResponse
+from swarmgate.config import GatewaySettings
+from swarmgate.gateway import Gateway
+
+
+def create_app(settings: GatewaySettings | None = None, gateway: Gateway | None = None) -> FastAPI:
+    settings = settings or GatewaySettings()
+    gateway = gateway or Gateway(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await gateway.start()
+        try:
+            yield
+        finally:
+            await gateway.stop()
+
+    app = FastAPI(
+        title="Swarmgate",
+        version=__version__,
+        description=(
+            "An OpenAI-compatible API whose models run on devices people own. "
+            "Authenticate with `Authorization: Bearer sg_live_…`."
+        ),
+        lifespan=lifespan,
+        default_response_class=JSONResponse,
+    )
+    app.state.gateway = gateway
+    install_error_handlers(app)
+    for module in (chat, inference, models, health, admin, nodes):
+        app.include_router(module.router)
+    return app

@@ -1,0 +1,203 @@
+"""``POST /v1/chat/completions``: the OpenAI chat API, answered by devices."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+
+from swarmgate.api.deps import CurrentPrincipal, GatewayDep, read_body
+from swarmgate.api.responses import json_response
+from swarmgate.api.running import (
+    DONE_FRAME,
+    ClientGone,
+    complete_or_cancel,
+    new_job_id,
+    now_utc,
+    open_stream,
+    sse,
+    stream_response,
+    swarmgate_info,
+)
+from swarmgate.api.schemas import ChatCompletionRequest, parse_body
+from swarmgate.catalog import CatalogModel
+from swarmgate.errors import ModelNotFound, RequestError
+from swarmgate.gateway import Gateway
+from swarmgate.protocol import ChatMessage, Delta, Done, SamplingParams
+from swarmgate.routing.dispatch import Execution, JobSpec
+
+router = APIRouter(tags=["chat"])
+
+DEFAULT_MAX_TOKENS = 256
+
+
+def resolve_model(gateway: Gateway, model_id: str) -> CatalogModel:
+    model = gateway.catalog.get(model_id)
+    if model is None:
+        raise ModelNotFound(
+            f"The model '{model_id}' does not exist. GET /v1/models lists the models.",
+            param="model",
+        )
+    return model
+
+
+def chat_spec(
+    gateway: Gateway, body: ChatCompletionRequest, account_id: str, key_id: str, job_id: str
+) -> JobSpec:
+    model = resolve_model(gateway, body.model)
+    max_tokens = body.requested_max_tokens(DEFAULT_MAX_TOKENS)
+    limit = min(gateway.settings.max_tokens_limit, model.context_length)
+    if max_tokens > limit:
+        raise RequestError(
+            f"max_tokens is {max_tokens}; '{model.id}' allows at most {limit}.",
+            param="max_tokens",
+        )
+    return JobSpec(
+        job_id=job_id,
+        account_id=account_id,
+        key_id=key_id,
+        kind="chat",
+        model=model.id,
+        messages=tuple(ChatMessage(role=m.chat_role, content=m.text) for m in body.messages),
+        params=SamplingParams(
+            max_tokens=max_tokens,
+            temperature=body.temperature,
+            top_p=body.top_p,
+            stop=body.stop_list(),
+            seed=body.seed,
+        ),
+        stream=body.stream,
+    )
+
+
+CHAT_OPENAPI = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": ChatCompletionRequest.model_json_schema()}},
+    }
+}
+
+
+@router.post(
+    "/v1/chat/completions",
+    openapi_extra=CHAT_OPENAPI,
+    summary="Create a chat completion (OpenAI-compatible)",
+    response_model=None,
+)
+async def create_chat_completion(
+    request: Request, principal: CurrentPrincipal, gateway: GatewayDep
+) -> Response:
+    raw = await read_body(request, gateway.settings.max_body_bytes)
+    body = parse_body(ChatCompletionRequest, raw)
+    job_id = new_job_id("chatcmpl-")
+    spec = chat_spec(gateway, body, principal.account_id, principal.key_id, job_id)
+    execution = gateway.execution(spec)
+    created_at = now_utc()
+    created = int(created_at.timestamp())
+
+    if not body.stream:
+        try:
+            completion = await complete_or_cancel(request, execution)
+        except ClientGone:
+            gateway.job_log.record(execution, created_at)
+            return Response(status_code=499)
+        except Exception:
+            gateway.job_log.record(execution, created_at)
+            raise
+        gateway.job_log.record(execution, created_at)
+        return json_response(
+            {
+                "id": job_id,
+                "object": "chat.completion",
+                "created": created,
+                "model": spec.model,
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": completion.text},
+                        "logprobs": None,
+                        "finish_reason": completion.finish_reason,
+                    }
+                ],
+                "usage": {
+                    "prompt_tokens": completion.prompt_tokens,
+                    "completion_tokens": completion.completion_tokens,
+                    "total_tokens": completion.prompt_tokens + completion.completion_tokens,
+                },
+                "system_fingerprint": None,
+                "swarmgate": swarmgate_info(execution),
+            }
+        )
+
+    try:
+        first, events = await open_stream(execution)
+    except Exception:
+        gateway.job_log.record(execution, created_at)
+        raise
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    frames = _chunk_renderer(job_id, created, spec.model, execution, include_usage)
+    return stream_response(gateway, execution, first, events, created_at, frames)
+
+
+def _chunk_renderer(
+    job_id: str, created: int, model: str, execution: Execution, include_usage: bool
+) -> Any:
+    state = {"role_sent": False, "finish_reason": None}
+
+    def chunk(delta: dict[str, Any], finish_reason: str | None) -> dict[str, Any]:
+        payload: dict[str, Any] = {
+            "id": job_id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+            "system_fingerprint": None,
+            "choices": [
+                {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+            ],
+        }
+        if include_usage:
+            payload["usage"] = None
+        return payload
+
+    def frames(event: Delta | Done | None) -> list[bytes]:
+        out: list[bytes] = []
+        if event is None:
+            return [DONE_FRAME]
+        if isinstance(event, Delta):
+            delta: dict[str, Any] = {"content": event.text}
+            if not state["role_sent"]:
+                delta = {"role": "assistant", "content": event.text}
+                state["role_sent"] = True
+            out.append(sse(chunk(delta, None)))
+            return out
+        # Done: the closing chunk carries finish_reason, then usage when asked for.
+        if not state["role_sent"]:
+            out.append(sse(chunk({"role": "assistant", "content": ""}, None)))
+            state["role_sent"] = True
+        closing = chunk({}, event.finish_reason)
+        closing["swarmgate"] = swarmgate_info(execution)
+        out.append(sse(closing))
+        if include_usage:
+            usage = event.usage
+            out.append(
+                sse(
+                    {
+                        "id": job_id,
+                        "object": "chat.completion.chunk",
+                        "created": created,
+                        "model": model,
+                        "system_fingerprint": None,
+                        "choices": [],
+                        "usage": {
+                            "prompt_tokens": usage.prompt_tokens,
+                            "completion_tokens": usage.completion_tokens,
+                            "total_tokens": usage.prompt_tokens + usage.completion_tokens,
+                        },
+                        "swarmgate": swarmgate_info(execution),
+                    }
+                )
+            )
+        return out
+
+    return frames

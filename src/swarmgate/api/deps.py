@@ -1,0 +1,59 @@
+"""Dependencies the routers declare: the gateway, the caller, the admin check, the body."""
+
+from __future__ import annotations
+
+import hmac
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from swarmgate.accounts.keys import Principal, parse_bearer
+from swarmgate.errors import AdminAuthError, BodyTooLarge, RequestError
+from swarmgate.gateway import Gateway
+
+
+def get_gateway(request: Request) -> Gateway:
+    gateway: Gateway = request.app.state.gateway
+    return gateway
+
+
+GatewayDep = Annotated[Gateway, Depends(get_gateway)]
+
+
+async def current_principal(request: Request) -> Principal:
+    gateway: Gateway = request.app.state.gateway
+    return await gateway.verifier.verify(parse_bearer(request.headers.get("authorization")))
+
+
+CurrentPrincipal = Annotated[Principal, Depends(current_principal)]
+
+
+async def require_admin(request: Request) -> None:
+    gateway: Gateway = request.app.state.gateway
+    expected = gateway.settings.admin_token
+    presented = parse_bearer(request.headers.get("authorization")) or ""
+    if not expected:
+        raise AdminAuthError("The admin API is off: set SWARMGATE_ADMIN_TOKEN to turn it on.")
+    if not hmac.compare_digest(presented.encode(), expected.encode()):
+        raise AdminAuthError("Missing or invalid admin token.")
+
+
+AdminDep = Depends(require_admin)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The raw body, refused with 413 as soon as it passes ``limit`` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise RequestError("Invalid Content-Length header.")
+        if int(declared) > limit:
+            raise BodyTooLarge(f"The request body is larger than the {limit}-byte limit.")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge(f"The request body is larger than the {limit}-byte limit.")
+        chunks.append(chunk)
+    return b"".join(chunks)

@@ -1,0 +1,209 @@
+"""``/v1/nodes/connect``: the WebSocket every device keeps open to its gateway."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+from fastapi import APIRouter, WebSocket
+from pydantic import ValidationError
+from sqlalchemy import update
+from starlette.websockets import WebSocketDisconnect
+
+from swarmgate.accounts.keys import parse_bearer, utcnow, verify_device_token
+from swarmgate.errors import ProtocolViolation
+from swarmgate.gateway import Gateway
+from swarmgate.protocol import (
+    CLOSE_BAD_FRAME,
+    CLOSE_FRAME_TOO_LARGE,
+    CLOSE_GOING_AWAY,
+    CLOSE_OUT_OF_ORDER,
+    CLOSE_REPLACED,
+    CLOSE_UNAUTHORIZED,
+    CLOSE_UNSUPPORTED_VERSION,
+    PROTOCOL_VERSION,
+    Delta,
+    Done,
+    Heartbeat,
+    Hello,
+    JobError,
+    Welcome,
+    node_frame_adapter,
+)
+from swarmgate.routing.registry import DeviceConnection
+from swarmgate.routing.states import ConnectionState
+from swarmgate.store.tables import devices
+
+router = APIRouter(tags=["nodes"])
+log = logging.getLogger("swarmgate.nodes")
+
+HELLO_TIMEOUT_S = 10.0
+
+
+def parse_frame(raw: str | bytes | None, limit: int) -> Hello | Heartbeat | Delta | Done | JobError:
+    if raw is None:
+        raise ProtocolViolation(CLOSE_BAD_FRAME, "empty frame")
+    if len(raw) > limit:
+        raise ProtocolViolation(CLOSE_FRAME_TOO_LARGE, f"frame larger than {limit} bytes")
+    try:
+        return node_frame_adapter.validate_json(raw)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        where = ".".join(str(p) for p in first["loc"]) or "frame"
+        # The reason goes back to the node; keep it short (close reasons max 123 bytes).
+        raise ProtocolViolation(CLOSE_BAD_FRAME, f"bad frame: {where}: {first['msg']}"[:120]) from None
+
+
+async def _receive(ws: WebSocket) -> str | bytes | None:
+    message = await ws.receive()
+    if message["type"] == "websocket.disconnect":
+        raise WebSocketDisconnect(message.get("code", 1000))
+    return message.get("text") if message.get("text") is not None else message.get("bytes")
+
+
+@router.websocket("/v1/nodes/connect")
+async def connect(ws: WebSocket) -> None:
+    gateway: Gateway = ws.app.state.gateway
+    principal = await verify_device_token(
+        gateway.engine, parse_bearer(ws.headers.get("authorization"))
+    )
+    await ws.accept()
+    if principal is None:
+        await ws.close(CLOSE_UNAUTHORIZED, "missing or invalid device token")
+        return
+    limit = gateway.settings.max_frame_bytes
+    try:
+        raw = await asyncio.wait_for(_receive(ws), HELLO_TIMEOUT_S)
+        hello = parse_frame(raw, limit)
+        if not isinstance(hello, Hello):
+            raise ProtocolViolation(CLOSE_OUT_OF_ORDER, "the first frame must be hello")
+        if hello.protocol != PROTOCOL_VERSION:
+            raise ProtocolViolation(
+                CLOSE_UNSUPPORTED_VERSION,
+                f"protocol {hello.protocol} is not supported; this gateway speaks {PROTOCOL_VERSION}",
+            )
+    except ProtocolViolation as exc:
+        await ws.close(exc.close_code, exc.reason)
+        return
+    except (TimeoutError, WebSocketDisconnect):
+        with contextlib.suppress(Exception):
+            await ws.close(CLOSE_OUT_OF_ORDER, "no hello")
+        return
+
+    accepted = [m.id for m in hello.models if gateway.catalog.accepts_artifact(m.id, m.sha256)]
+    rejected = sorted({m.id for m in hello.models} - set(accepted))
+    device = DeviceConnection(
+        device_id=principal.device_id,
+        account_id=principal.account_id,
+        region=hello.region,
+        slots=hello.slots,
+        models=frozenset(accepted),
+        send_text=ws.send_text,
+        node_version=hello.node_version,
+    )
+    await _record_hello(gateway, principal.device_id, hello)
+    welcome = Welcome(
+        device_id=principal.device_id,
+        heartbeat_interval_s=gateway.settings.heartbeat_interval_s,
+        rejected_models=rejected,
+    )
+    await ws.send_text(welcome.model_dump_json())
+    device.transition(ConnectionState.READY)
+    replaced = gateway.registry.add(device)
+    if replaced is not None:
+        replaced.close_code = CLOSE_REPLACED
+        replaced.close("the device connected again")
+    log.info(
+        "device connected",
+        extra={"device_id": device.device_id, "models": accepted, "slots": device.slots},
+    )
+    writer = asyncio.create_task(_write(ws, device), name=f"ws-writer-{device.device_id}")
+    try:
+        await _read(ws, device, gateway, limit)
+    except ProtocolViolation as exc:
+        log.warning(
+            "device broke the protocol",
+            extra={"device_id": device.device_id, "close_code": exc.close_code, "reason": exc.reason},
+        )
+        device.close_code = exc.close_code
+        device.close(exc.reason)
+    except WebSocketDisconnect:
+        device.close("disconnected")
+    except Exception:
+        log.exception("device connection failed", extra={"device_id": device.device_id})
+        device.close_code = CLOSE_GOING_AWAY
+        device.close("gateway error")
+    finally:
+        device.close("disconnected")
+        gateway.registry.remove(device)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(writer, 5)
+        writer.cancel()
+        log.info(
+            "device disconnected",
+            extra={"device_id": device.device_id, "reason": device.close_reason},
+        )
+
+
+async def _write(ws: WebSocket, device: DeviceConnection) -> None:
+    """The only task that sends on this socket; a None in the outbox closes it."""
+    try:
+        while True:
+            text = await device.outbox.get()
+            if text is None:
+                break
+            await ws.send_text(text)
+    except Exception:
+        device.close("send failed")
+    with contextlib.suppress(Exception):
+        await ws.close(device.close_code, device.close_reason[:120])
+
+
+async def _read(ws: WebSocket, device: DeviceConnection, gateway: Gateway, limit: int) -> None:
+    while device.state is not ConnectionState.CLOSED:
+        frame = parse_frame(await _receive(ws), limit)
+        device.last_seen = time.monotonic()
+        if isinstance(frame, Delta | Done | JobError):
+            channel = device.active.get(frame.job_id)
+            if channel is not None:
+                channel.put_nowait(frame)
+            elif frame.job_id not in device.recent:
+                raise ProtocolViolation(
+                    CLOSE_OUT_OF_ORDER, f"frame for a job this device was not given: {frame.job_id}"
+                )
+            # else: a late frame for an attempt that already ended (e.g. after a cancel).
+        elif isinstance(frame, Heartbeat):
+            _apply_heartbeat(device, frame, gateway)
+        else:
+            raise ProtocolViolation(CLOSE_OUT_OF_ORDER, "hello was already received")
+
+
+def _apply_heartbeat(device: DeviceConnection, beat: Heartbeat, gateway: Gateway) -> None:
+    if beat.paused and device.state in (ConnectionState.READY, ConnectionState.BUSY):
+        device.pause_reason = beat.pause_reason or "paused by the device"
+        device.transition(ConnectionState.PAUSED)
+    elif not beat.paused and device.state is ConnectionState.PAUSED:
+        device.pause_reason = None
+        device.transition(
+            ConnectionState.READY if device.free_slots > 0 else ConnectionState.BUSY
+        )
+        gateway.registry.slot_freed(device)
+
+
+async def _record_hello(gateway: Gateway, device_id: str, hello: Hello) -> None:
+    async with gateway.engine.begin() as conn:
+        await conn.execute(
+            update(devices)
+            .where(devices.c.id == device_id)
+            .values(
+                os=hello.device.os,
+                cpu=hello.device.cpu,
+                ram_mb=hello.device.ram_mb,
+                accelerator=hello.device.accelerator,
+                region=hello.region,
+                node_version=hello.node_version,
+                last_seen_at=utcnow(),
+            )
+        )

@@ -1,0 +1,145 @@
+"""Request bodies of the public API, validated once, with errors that name the field."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from swarmgate.errors import RequestError
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
+
+# Fields the OpenAI SDKs and chat front ends send that we accept and do not act on.
+_LENIENT = ConfigDict(extra="ignore", str_max_length=1_000_000)
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["text"]
+    text: str
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | Annotated[list[TextPart], Field(min_length=1)]
+    name: str | None = Field(default=None, max_length=64)
+
+    @property
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "\n".join(part.text for part in self.content)
+
+    @property
+    def chat_role(self) -> Literal["system", "user", "assistant"]:
+        return "system" if self.role == "developer" else self.role
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(BaseModel):
+    model_config = _LENIENT
+
+    model: str = Field(min_length=1, max_length=200)
+    messages: list[Message] = Field(min_length=1, max_length=10_000)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=0.7, ge=0, le=2)
+    top_p: float = Field(default=0.9, ge=0, le=1)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = Field(default=None, max_length=256)
+    n: int | None = None
+
+    @field_validator("n")
+    @classmethod
+    def _only_one_choice(cls, value: int | None) -> int | None:
+        if value is not None and value != 1:
+            raise ValueError("only n=1 is supported: each request runs on one device")
+        return value
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_list(cls, value: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(value, list) and len(value) > 4:
+            raise ValueError("at most 4 stop sequences")
+        return value
+
+    def stop_list(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+    def requested_max_tokens(self, default: int) -> int:
+        return self.max_completion_tokens or self.max_tokens or default
+
+
+class InferenceRequest(BaseModel):
+    model_config = _LENIENT
+
+    model: str = Field(min_length=1, max_length=200)
+    prompt: str = Field(min_length=1)
+    max_tokens: int = Field(default=100, ge=1)
+    temperature: float = Field(default=0.7, ge=0, le=2)
+    top_p: float = Field(default=0.9, ge=0, le=1)
+    stop: list[str] | None = Field(default=None, max_length=4)
+    seed: int | None = None
+    stream: bool = False
+
+
+class JobRequest(BaseModel):
+    """An asynchronous job: a prompt or a chat, run in the background."""
+
+    model_config = _LENIENT
+
+    model: str = Field(min_length=1, max_length=200)
+    prompt: str | None = Field(default=None, min_length=1)
+    messages: list[Message] | None = Field(default=None, min_length=1, max_length=10_000)
+    max_tokens: int = Field(default=256, ge=1)
+    temperature: float = Field(default=0.7, ge=0, le=2)
+    top_p: float = Field(default=0.9, ge=0, le=1)
+    stop: list[str] | None = Field(default=None, max_length=4)
+    seed: int | None = None
+
+
+def _param_of(loc: tuple[int | str, ...]) -> str | None:
+    path = ""
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif part in ("str", "list[TextPart]", "function-after[_stop_list(), ...]"):
+            continue  # union branch names pydantic adds; not a field
+        else:
+            path += f".{part}" if path else str(part)
+    return path or None
+
+
+def parse_body(model: type[ModelT], body: bytes) -> ModelT:
+    """Validates a JSON body; any problem becomes a 400 that names the offending param."""
+    if not body.strip():
+        raise RequestError("The request body is empty; send a JSON object.")
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        if first["type"] == "json_invalid":
+            raise RequestError(f"Malformed JSON body: {first['msg']}.") from None
+        if first["type"] == "model_type" and not first["loc"]:
+            raise RequestError("The request body must be a JSON object.") from None
+        param = _param_of(tuple(first["loc"]))
+        message = first["msg"]
+        if first["type"] == "missing":
+            message = f"Missing required parameter: '{param}'."
+        elif param:
+            message = f"Invalid value for '{param}': {message}."
+        raise RequestError(message, param=param) from None

@@ -1,0 +1,145 @@
+"""Every error Swarmgate raises on purpose, in one tree.
+
+    SwarmgateError
+    ├── RequestError              400 INVALID_REQUEST          (bad body, bad field)
+    │   ├── BodyTooLarge          413 REQUEST_TOO_LARGE
+    │   └── ModelNotFound         404 MODEL_NOT_FOUND
+    ├── AuthError                 401 INVALID_API_KEY
+    │   └── AdminAuthError        401 INVALID_ADMIN_TOKEN
+    ├── NotFound                  404 NOT_FOUND                (job, resource of another account)
+    ├── RoutingError              503                          (no device can take the request)
+    │   ├── ModelWarming          503 model_warming            (catalog model, no device has it loaded)
+    │   └── DevicesBusy           503 DEVICES_BUSY             (every capable device stayed busy)
+    └── DeviceError                                            (a device failed a job)
+        ├── DeviceFailed          502 DEVICE_FAILED            (one attempt; internal, drives failover)
+        ├── DeviceTimeout         408 REQUEST_TIMEOUT          (one attempt timed out)
+        ├── DeviceGone            502 DEVICE_GONE              (the connection dropped mid-job)
+        ├── AllAttemptsFailed     502 ALL_ATTEMPTS_FAILED      (failover exhausted)
+        └── StreamInterrupted     502 STREAM_INTERRUPTED       (tokens were sent, then the device failed)
+
+Each class carries its HTTP status, OpenAI-style ``type`` and the seeds' ``code``;
+``api/errors.py`` turns any of them into the envelope in exactly one place.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class SwarmgateError(Exception):
+    status_code: int = 500
+    code: str = "INTERNAL_ERROR"
+    type: str = "api_error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        retry_after: int | None = None,
+        code: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.retry_after = retry_after
+        if code is not None:
+            self.code = code
+
+    def to_dict(self) -> dict[str, Any]:
+        error: dict[str, Any] = {
+            "message": self.message,
+            "type": self.type,
+            "code": self.code,
+            "param": self.param,
+        }
+        if self.retry_after is not None:
+            error["retry_after"] = self.retry_after
+        return {"error": error}
+
+
+class RequestError(SwarmgateError):
+    status_code = 400
+    code = "INVALID_REQUEST"
+    type = "invalid_request_error"
+
+
+class BodyTooLarge(RequestError):
+    status_code = 413
+    code = "REQUEST_TOO_LARGE"
+
+
+class ModelNotFound(RequestError):
+    status_code = 404
+    code = "MODEL_NOT_FOUND"
+
+
+class AuthError(SwarmgateError):
+    status_code = 401
+    code = "INVALID_API_KEY"
+    type = "authentication_error"
+
+
+class AdminAuthError(AuthError):
+    code = "INVALID_ADMIN_TOKEN"
+
+
+class NotFound(SwarmgateError):
+    status_code = 404
+    code = "NOT_FOUND"
+    type = "invalid_request_error"
+
+
+class RoutingError(SwarmgateError):
+    status_code = 503
+    code = "NO_DEVICE_AVAILABLE"
+    type = "service_unavailable"
+
+
+class ModelWarming(RoutingError):
+    code = "model_warming"
+
+
+class DevicesBusy(RoutingError):
+    code = "DEVICES_BUSY"
+
+
+class DeviceError(SwarmgateError):
+    status_code = 502
+    code = "DEVICE_FAILED"
+    type = "device_error"
+
+
+class DeviceFailed(DeviceError):
+    pass
+
+
+class DeviceTimeout(DeviceError):
+    status_code = 408
+    code = "REQUEST_TIMEOUT"
+    type = "timeout_error"
+
+
+class DeviceGone(DeviceError):
+    code = "DEVICE_GONE"
+
+
+class AllAttemptsFailed(DeviceError):
+    code = "ALL_ATTEMPTS_FAILED"
+
+
+class StreamInterrupted(DeviceError):
+    code = "STREAM_INTERRUPTED"
+
+
+class ProtocolViolation(Exception):
+    """A node sent a frame that breaks the device protocol; closes that connection only."""
+
+    def __init__(self, close_code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.close_code = close_code
+        self.reason = reason
+
+
+class IllegalTransition(RuntimeError):
+    """A state machine was asked to move along an edge it does not have."""

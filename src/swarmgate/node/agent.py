@@ -1,0 +1,360 @@
+"""The device agent: keeps one WebSocket to the gateway and runs the jobs it is sent.
+
+It reconnects with jittered exponential backoff when the gateway goes away. When asked
+to stop it drains: it tells the gateway it is pausing, lets running jobs finish (up to
+a limit), then closes. It never logs prompt or completion text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import platform
+import random
+import time
+from dataclasses import dataclass, field
+
+import orjson
+import psutil
+import websockets
+from pydantic import ValidationError
+from websockets.asyncio.client import ClientConnection
+
+from swarmgate import __version__
+from swarmgate.node.backends.base import (
+    Backend,
+    BackendError,
+    DropConnection,
+    Finished,
+    GenerationRequest,
+    TokenDelta,
+)
+from swarmgate.protocol import (
+    CLOSE_UNAUTHORIZED,
+    CLOSE_UNSUPPORTED_VERSION,
+    PROTOCOL_VERSION,
+    Cancel,
+    DeviceFacts,
+    JobFrame,
+    LoadedModel,
+    Welcome,
+    gateway_frame_adapter,
+)
+
+log = logging.getLogger("swarmgate.node")
+
+# Non-streamed jobs send their text in one frame at the end, but a long generation still
+# sends what it has every so often, so the gateway can tell a slow device from a dead one.
+PROGRESS_INTERVAL_S = 1.0
+FATAL_CLOSE_CODES = frozenset({CLOSE_UNAUTHORIZED, CLOSE_UNSUPPORTED_VERSION})
+
+
+class FatalConnectionError(Exception):
+    """The gateway refused this node for a reason retrying will not fix."""
+
+
+def local_device_facts() -> DeviceFacts:
+    return DeviceFacts(
+        os=f"{platform.system()} {platform.release()}"[:200],
+        cpu=(platform.processor() or platform.machine() or "unknown")[:200]
+        + f" ({os.cpu_count() or 1} cores)",
+        ram_mb=psutil.virtual_memory().total // (1024 * 1024),
+        accelerator=None,
+    )
+
+
+def backoff_delay(attempt: int, low: float, high: float, rng: random.Random) -> float:
+    """Full jitter: uniform between ``low`` and an exponentially growing cap."""
+    cap = min(high, low * 2**attempt)
+    return rng.uniform(low, max(low, cap))
+
+
+@dataclass
+class NodeStats:
+    connected: bool = False
+    device_id: str | None = None
+    sessions: int = 0
+    jobs_done: int = 0
+    jobs_failed: int = 0
+    models: list[str] = field(default_factory=list)
+
+
+class NodeAgent:
+    def __init__(
+        self,
+        *,
+        gateway_url: str,
+        token: str,
+        backend: Backend,
+        models: list[str],
+        slots: int = 1,
+        region: str = "local",
+        facts: DeviceFacts | None = None,
+        reconnect_min_s: float = 0.5,
+        reconnect_max_s: float = 30.0,
+        drain_timeout_s: float = 30.0,
+    ) -> None:
+        self.gateway_url = gateway_url
+        self.token = token
+        self.backend = backend
+        self.model_ids = models
+        self.slots = slots
+        self.region = region
+        self.facts = facts or local_device_facts()
+        self.reconnect_min_s = reconnect_min_s
+        self.reconnect_max_s = reconnect_max_s
+        self.drain_timeout_s = drain_timeout_s
+        self.stats = NodeStats()
+        self.loaded: list[LoadedModel] = []
+        self.connected = asyncio.Event()
+        self._jobs: dict[str, asyncio.Task[None]] = {}
+        self._send_lock = asyncio.Lock()
+        self._draining = False
+        self._rng = random.Random()
+
+    # -- lifecycle ----------------------------------------------------------------------
+    async def run(self, stop: asyncio.Event) -> None:
+        """Serves until ``stop`` is set; reconnects on its own until then."""
+        self.loaded = await self.backend.load(self.model_ids)
+        self.stats.models = [m.id for m in self.loaded]
+        failures = 0
+        try:
+            while not stop.is_set():
+                started = time.monotonic()
+                try:
+                    await self._session(stop)
+                except FatalConnectionError:
+                    raise
+                except (OSError, websockets.exceptions.WebSocketException, TimeoutError) as exc:
+                    log.warning("gateway connection lost: %s", type(exc).__name__)
+                finally:
+                    self.connected.clear()
+                    self.stats.connected = False
+                if stop.is_set():
+                    break
+                failures = 0 if time.monotonic() - started > 30 else failures + 1
+                delay = backoff_delay(
+                    failures, self.reconnect_min_s, self.reconnect_max_s, self._rng
+                )
+                log.info("reconnecting in %.1f s", delay)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), delay)
+        finally:
+            await self.backend.close()
+
+    async def _session(self, stop: asyncio.Event) -> None:
+        headers = {"Authorization": f"Bearer {self.token}"}
+        async with websockets.connect(
+            self.gateway_url,
+            additional_headers=headers,
+            max_size=16 * 1024 * 1024,
+            open_timeout=10,
+            ping_interval=20,
+            ping_timeout=20,
+        ) as ws:
+            await ws.send(self._hello())
+            welcome = await self._welcome(ws)
+            self.stats.sessions += 1
+            self.stats.connected = True
+            self.stats.device_id = welcome.device_id
+            self.connected.set()
+            log.info("connected to the gateway as device %s", welcome.device_id)
+            beats = asyncio.create_task(self._heartbeats(ws, welcome.heartbeat_interval_s))
+            reader = asyncio.create_task(self._read(ws))
+            stopper = asyncio.create_task(stop.wait())
+            try:
+                done, _ = await asyncio.wait(
+                    {reader, stopper}, return_when=asyncio.FIRST_COMPLETED
+                )
+                if stopper in done:
+                    await self._drain(ws)
+                    await ws.close(1000, "node stopping")
+                elif reader.exception() is not None:
+                    raise reader.exception()  # type: ignore[misc]
+            finally:
+                for task in (beats, reader, stopper):
+                    task.cancel()
+                await asyncio.gather(beats, reader, stopper, return_exceptions=True)
+                await self._cancel_all()
+
+    def _hello(self) -> str:
+        return orjson.dumps(
+            {
+                "type": "hello",
+                "protocol": PROTOCOL_VERSION,
+                "node_version": __version__,
+                "device": self.facts.model_dump(),
+                "region": self.region,
+                "slots": self.slots,
+                "models": [m.model_dump() for m in self.loaded],
+            }
+        ).decode()
+
+    async def _welcome(self, ws: ClientConnection) -> Welcome:
+        try:
+            raw = await asyncio.wait_for(ws.recv(), 15)
+        except websockets.exceptions.ConnectionClosed as exc:
+            code = exc.rcvd.code if exc.rcvd else None
+            reason = exc.rcvd.reason if exc.rcvd else ""
+            if code in FATAL_CLOSE_CODES:
+                raise FatalConnectionError(f"gateway refused this node ({code}): {reason}") from exc
+            raise
+        frame = gateway_frame_adapter.validate_json(raw)
+        if not isinstance(frame, Welcome):
+            raise websockets.exceptions.InvalidMessage("expected welcome from the gateway")
+        if frame.rejected_models:
+            log.warning(
+                "the gateway will not route these models (unknown id or artifact mismatch): %s",
+                ", ".join(frame.rejected_models),
+            )
+        return frame
+
+    async def _send(self, ws: ClientConnection, payload: dict[str, object]) -> None:
+        async with self._send_lock:
+            await ws.send(orjson.dumps(payload).decode())
+
+    async def _heartbeats(self, ws: ClientConnection, interval: float) -> None:
+        while True:
+            await self._send(
+                ws,
+                {
+                    "type": "heartbeat",
+                    "active_jobs": len(self._jobs),
+                    "paused": self._draining,
+                    "pause_reason": "draining" if self._draining else None,
+                },
+            )
+            await asyncio.sleep(interval)
+
+    async def _read(self, ws: ClientConnection) -> None:
+        async for raw in ws:
+            try:
+                frame = gateway_frame_adapter.validate_json(raw)
+            except ValidationError:
+                log.warning("ignoring a frame this node does not understand")
+                continue
+            if isinstance(frame, JobFrame):
+                self._start_job(ws, frame)
+            elif isinstance(frame, Cancel):
+                task = self._jobs.get(frame.job_id)
+                if task is not None:
+                    task.cancel()
+
+    # -- jobs ---------------------------------------------------------------------------
+    def _start_job(self, ws: ClientConnection, frame: JobFrame) -> None:
+        if self._draining or len(self._jobs) >= self.slots:
+            reason = "node is draining" if self._draining else "no free slot"
+            asyncio.create_task(  # noqa: RUF006 - fire and forget; errors are logged by _send
+                self._send(
+                    ws,
+                    {"type": "error", "job_id": frame.job_id, "code": "NODE_BUSY",
+                     "message": reason},
+                )
+            )
+            return
+        task = asyncio.create_task(self._run_job(ws, frame), name=f"job-{frame.job_id}")
+        self._jobs[frame.job_id] = task
+        task.add_done_callback(lambda _t, job_id=frame.job_id: self._jobs.pop(job_id, None))
+
+    async def _run_job(self, ws: ClientConnection, frame: JobFrame) -> None:
+        request = GenerationRequest(
+            job_id=frame.job_id,
+            model=frame.model,
+            messages=list(frame.messages),
+            params=frame.params,
+            stream=frame.stream,
+        )
+        pending: list[str] = []
+        pending_tokens = 0
+        sent_any = False
+        last_flush = time.monotonic()
+        try:
+            async for event in self.backend.generate(request):
+                if isinstance(event, TokenDelta):
+                    if frame.stream:
+                        await self._send(
+                            ws,
+                            {"type": "delta", "job_id": frame.job_id, "text": event.text,
+                             "tokens": event.tokens},
+                        )
+                        continue
+                    pending.append(event.text)
+                    pending_tokens += event.tokens
+                    if time.monotonic() - last_flush >= PROGRESS_INTERVAL_S:
+                        await self._send(
+                            ws,
+                            {"type": "delta", "job_id": frame.job_id, "text": "".join(pending),
+                             "tokens": pending_tokens},
+                        )
+                        pending, pending_tokens, sent_any = [], 0, True
+                        last_flush = time.monotonic()
+                elif isinstance(event, Finished):
+                    done: dict[str, object] = {
+                        "type": "done",
+                        "job_id": frame.job_id,
+                        "finish_reason": event.finish_reason,
+                        "usage": {
+                            "prompt_tokens": event.prompt_tokens,
+                            "completion_tokens": event.completion_tokens,
+                        },
+                    }
+                    if not frame.stream:
+                        if sent_any:
+                            if pending:
+                                await self._send(
+                                    ws,
+                                    {"type": "delta", "job_id": frame.job_id,
+                                     "text": "".join(pending), "tokens": pending_tokens},
+                                )
+                        else:
+                            done["text"] = "".join(pending)
+                    await self._send(ws, done)
+                    self.stats.jobs_done += 1
+                    return
+            raise BackendError("the backend ended without finishing the answer")
+        except BackendError as exc:
+            self.stats.jobs_failed += 1
+            await self._send(
+                ws,
+                {"type": "error", "job_id": frame.job_id, "code": exc.code,
+                 "message": str(exc)[:500]},
+            )
+        except DropConnection:
+            self.stats.jobs_failed += 1
+            log.warning("dropping the gateway connection (simulated device death)")
+            ws.transport.abort()
+
+    async def _cancel_all(self) -> None:
+        tasks = list(self._jobs.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _drain(self, ws: ClientConnection) -> None:
+        """Stops taking jobs, tells the gateway, and gives running jobs time to finish."""
+        self._draining = True
+        with contextlib.suppress(Exception):
+            await self._send(
+                ws,
+                {"type": "heartbeat", "active_jobs": len(self._jobs), "paused": True,
+                 "pause_reason": "draining"},
+            )
+        running = list(self._jobs.values())
+        if not running:
+            return
+        log.info("waiting for %d running job(s) to finish", len(running))
+        await asyncio.wait(running, timeout=self.drain_timeout_s)
+        # Whatever is still running fails cleanly, so the gateway can retry it elsewhere.
+        for job_id, task in list(self._jobs.items()):
+            if task.done():
+                continue
+            with contextlib.suppress(Exception):
+                await self._send(
+                    ws,
+                    {"type": "error", "job_id": job_id, "code": "NODE_STOPPING",
+                     "message": "the node is shutting down"},
+                )
+            task.cancel()
+        await self._cancel_all()

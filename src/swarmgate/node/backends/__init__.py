@@ -1,0 +1,1 @@
+"""Node backends: ``llama-cpp`` (in-process), ``openai-http`` (a local server) and ``sim``."""

@@ -1,0 +1,131 @@
+"""Recording jobs and their attempts without putting database writes on the request path.
+
+Finished synchronous jobs are buffered in memory and written in one transaction per
+flush interval (group commit). Losing the last interval on a crash loses only the
+log lines of those jobs: money is not kept here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import insert
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from swarmgate.routing.dispatch import Execution
+from swarmgate.store.tables import job_attempts, jobs
+
+log = logging.getLogger("swarmgate.joblog")
+
+
+def attempt_rows(job_id: str, execution: Execution) -> list[dict[str, Any]]:
+    return [
+        {
+            "job_id": job_id,
+            "attempt": a.attempt,
+            "device_id": a.device_id,
+            "outcome": a.outcome,
+            "error_code": a.error_code,
+            "started_at": a.started_at,
+            "first_token_ms": a.first_token_ms,
+            "duration_ms": a.duration_ms,
+        }
+        for a in execution.attempts
+    ]
+
+
+def job_row(execution: Execution, created_at: datetime) -> dict[str, Any]:
+    spec = execution.spec
+    completion = execution.completion
+    error = execution.error
+    return {
+        "id": spec.job_id,
+        "account_id": spec.account_id,
+        "key_id": spec.key_id,
+        "kind": spec.kind,
+        "model": spec.model,
+        "status": _status(execution),
+        "stream": spec.stream,
+        "device_id": execution.device.device_id if execution.device and completion else None,
+        "prompt_tokens": completion.prompt_tokens if completion else None,
+        "completion_tokens": completion.completion_tokens if completion else None,
+        "finish_reason": completion.finish_reason if completion else None,
+        "error_code": error.code if error else None,
+        "error_message": error.message if error else None,
+        "request_json": None,
+        "output": None,
+        "created_at": created_at,
+        "started_at": created_at,
+        "finished_at": datetime.now(UTC),
+        "latency_ms": execution.latency_ms,
+    }
+
+
+def _status(execution: Execution) -> str:
+    return {
+        "succeeded": "completed",
+        "failed": "failed",
+        "cancelled": "cancelled",
+        "running": "running",
+        "pending": "queued",
+    }[execution.state.value]
+
+
+class JobLog:
+    def __init__(self, engine: AsyncEngine, flush_interval_s: float = 0.05) -> None:
+        self._engine = engine
+        self._interval = flush_interval_s
+        self._jobs: list[dict[str, Any]] = []
+        self._attempts: list[dict[str, Any]] = []
+        self._task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+
+    def record(self, execution: Execution, created_at: datetime) -> None:
+        self._jobs.append(job_row(execution, created_at))
+        self._attempts.extend(attempt_rows(execution.spec.job_id, execution))
+        if len(self._jobs) >= 1000:
+            self._wake.set()
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="job-log")
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self._wake.wait(), self._interval)
+            except TimeoutError:
+                pass
+            self._wake.clear()
+            try:
+                await self.flush()
+            except Exception:
+                log.exception("writing the job log failed; will retry")
+
+    async def flush(self) -> None:
+        if not self._jobs and not self._attempts:
+            return
+        batch_jobs, self._jobs = self._jobs, []
+        batch_attempts, self._attempts = self._attempts, []
+        try:
+            async with self._engine.begin() as conn:
+                if batch_jobs:
+                    await conn.execute(insert(jobs), batch_jobs)
+                if batch_attempts:
+                    await conn.execute(insert(job_attempts), batch_attempts)
+        except Exception:
+            # Put them back in front so the next flush retries them in order.
+            self._jobs[:0] = batch_jobs
+            self._attempts[:0] = batch_attempts
+            raise
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        await self.flush()
