@@ -8,7 +8,23 @@ from typing import Any
 
 import orjson
 
-_STANDARD = frozenset(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message"}
+_STANDARD = frozenset(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {
+    "message",
+    "asctime",
+    "color_message",
+}
+# Libraries whose DEBUG output carries payloads (WebSocket frames, SQL parameters, HTTP
+# bodies). They stay at WARNING whatever the level asked for: prompts never reach a log.
+PAYLOAD_LOGGERS = (
+    "websockets",
+    "aiosqlite",
+    "sqlalchemy",
+    "httpx",
+    "httpcore",
+    "openai",
+    "uvicorn.protocols",
+    "llama_cpp",
+)
 # Extras with these names are dropped even if some caller passes them by mistake.
 _FORBIDDEN = frozenset({"prompt", "messages", "content", "text", "completion", "output"})
 
@@ -51,3 +67,5 @@ def configure_logging(level: str = "INFO", json: bool = False) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    for name in PAYLOAD_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)

@@ -40,12 +40,23 @@ router = APIRouter(tags=["nodes"])
 log = logging.getLogger("swarmgate.nodes")
 
 HELLO_TIMEOUT_S = 10.0
+# A close frame's payload is at most 125 bytes: a 2-byte code and 123 bytes of UTF-8 reason.
+MAX_CLOSE_REASON_BYTES = 123
+
+
+def close_reason(reason: str) -> str:
+    """``reason`` cut to fit a close frame, in bytes (it may echo what the node sent)."""
+    return reason.encode()[:MAX_CLOSE_REASON_BYTES].decode(errors="ignore")
+
+
+def _frame_size(raw: str | bytes) -> int:
+    return len(raw) if isinstance(raw, bytes) else len(raw.encode())
 
 
 def parse_frame(raw: str | bytes | None, limit: int) -> Hello | Heartbeat | Delta | Done | JobError:
     if raw is None:
         raise ProtocolViolation(CLOSE_BAD_FRAME, "empty frame")
-    if len(raw) > limit:
+    if len(raw) > limit or _frame_size(raw) > limit:
         raise ProtocolViolation(CLOSE_FRAME_TOO_LARGE, f"frame larger than {limit} bytes")
     try:
         return node_frame_adapter.validate_json(raw)
@@ -85,7 +96,7 @@ async def connect(ws: WebSocket) -> None:
                 f"protocol {hello.protocol} is not supported; this gateway speaks {PROTOCOL_VERSION}",
             )
     except ProtocolViolation as exc:
-        await ws.close(exc.close_code, exc.reason)
+        await ws.close(exc.close_code, close_reason(exc.reason))
         return
     except (TimeoutError, WebSocketDisconnect):
         with contextlib.suppress(Exception):
@@ -158,7 +169,7 @@ async def _write(ws: WebSocket, device: DeviceConnection) -> None:
     except Exception:
         device.close("send failed")
     with contextlib.suppress(Exception):
-        await ws.close(device.close_code, device.close_reason[:120])
+        await ws.close(device.close_code, close_reason(device.close_reason))
 
 
 async def _read(ws: WebSocket, device: DeviceConnection, gateway: Gateway, limit: int) -> None:

@@ -11,18 +11,26 @@ from swarmgate.errors import RequestError
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
 # Fields the OpenAI SDKs and chat front ends send that we accept and do not act on.
-_LENIENT = ConfigDict(extra="ignore", str_max_length=1_000_000)
+# Strict types: "yes" is not a boolean and "0.5" is not a number, as with OpenAI.
+_LENIENT = ConfigDict(extra="ignore", strict=True, str_max_length=1_000_000)
 
 
 class TextPart(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
-    type: Literal["text"]
-    text: str
+    type: str
+    text: str = ""
+
+    @field_validator("type")
+    @classmethod
+    def _text_only(cls, value: str) -> str:
+        if value != "text":
+            raise ValueError(f"only text content parts are supported, not {value!r}")
+        return value
 
 
 class Message(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     role: Literal["system", "developer", "user", "assistant"]
     content: str | Annotated[list[TextPart], Field(min_length=1)]
@@ -40,7 +48,7 @@ class Message(BaseModel):
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     include_usage: bool = False
 
@@ -131,7 +139,9 @@ def parse_body(model: type[ModelT], body: bytes) -> ModelT:
     try:
         return model.model_validate_json(body)
     except ValidationError as exc:
-        first = exc.errors(include_url=False)[0]
+        errors = exc.errors(include_url=False)
+        # For a union (content: str | list of parts) the deepest error is the telling one.
+        first = max(errors, key=lambda e: len(_param_of(tuple(e["loc"])) or ""))
         if first["type"] == "json_invalid":
             raise RequestError(f"Malformed JSON body: {first['msg']}.") from None
         if first["type"] == "model_type" and not first["loc"]:
