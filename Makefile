@@ -7,9 +7,33 @@ export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc 2>/dev/null || echo 2)
 
 .PHONY: install up test lint format bench constraints clean
 
-$(STAMP): pyproject.toml requirements/constraints.txt
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+# llama.cpp compiles for the CPU it is built on. Virtual machines often advertise Intel AMX
+# without enabling it, and a -march=native build then crashes on its first batch; so AMX is
+# left out on x86-64. pip's own wheel cache ignores these flags, so the wheel is built into
+# a wheelhouse named after them and installed from there only (--only-binary).
+LLAMA_CPP_VERSION := 0.3.36
+ifeq ($(shell uname -m),x86_64)
+LLAMA_FLAGS_NAME := native-noamx
+LLAMA_CMAKE_ARGS := -DLLAVA_BUILD=OFF -DCMAKE_C_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16' -DCMAKE_CXX_FLAGS='-mno-amx-tile -mno-amx-int8 -mno-amx-bf16'
+else
+LLAMA_FLAGS_NAME := native
+LLAMA_CMAKE_ARGS := -DLLAVA_BUILD=OFF
+endif
+WHEELHOUSE ?= $(HOME)/.cache/swarmgate/wheels
+LLAMA_WHEELS := $(WHEELHOUSE)/llama-cpp-python-$(LLAMA_CPP_VERSION)-$(LLAMA_FLAGS_NAME)
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(LLAMA_WHEELS)/.built: | $(VENV)/bin/python
+	mkdir -p $(LLAMA_WHEELS)
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip wheel --quiet --no-deps \
+		--no-cache-dir -w $(LLAMA_WHEELS) llama-cpp-python==$(LLAMA_CPP_VERSION)
+	touch $@
+
+$(STAMP): pyproject.toml requirements/constraints.txt $(LLAMA_WHEELS)/.built
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check \
+		--find-links $(LLAMA_WHEELS) --only-binary llama-cpp-python \
 		-c requirements/constraints.txt -e '.[llama,dev]'
 	touch $(STAMP)
 

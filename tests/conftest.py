@@ -152,6 +152,7 @@ async def start_gateway(settings: GatewaySettings) -> LiveGateway:
         loop="asyncio",
         http="httptools",
         ws="websockets-sansio",
+        ws_per_message_deflate=False,
         access_log=False,
         log_config=None,
         timeout_graceful_shutdown=2,

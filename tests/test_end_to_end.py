@@ -33,14 +33,24 @@ def network(tmp_path: Path, backend: str, *node_args: str) -> Iterator[tuple[str
         "PYTHONUNBUFFERED": "1",
     }
     admin = {k: env[k] for k in ("SWARMGATE_DATA_DIR", "SWARMGATE_ADMIN_TOKEN")}
-    developer = json.loads(run_cli("admin", "--json", "accounts", "create", "--name", "d",
-                                   "--credits", "5", env=admin).stdout)
-    key = json.loads(run_cli("admin", "--json", "keys", "create", "--account", developer["id"],
-                             env=admin).stdout)["key"]
-    provider = json.loads(run_cli("admin", "--json", "accounts", "create", "--name", "p",
-                                  "--provider", env=admin).stdout)
-    token = json.loads(run_cli("admin", "--json", "devices", "create", "--account",
-                               provider["id"], env=admin).stdout)["token"]
+    developer = json.loads(
+        run_cli(
+            "admin", "--json", "accounts", "create", "--name", "d", "--credits", "5", env=admin
+        ).stdout
+    )
+    key = json.loads(
+        run_cli("admin", "--json", "keys", "create", "--account", developer["id"], env=admin).stdout
+    )["key"]
+    provider = json.loads(
+        run_cli(
+            "admin", "--json", "accounts", "create", "--name", "p", "--provider", env=admin
+        ).stdout
+    )
+    token = json.loads(
+        run_cli(
+            "admin", "--json", "devices", "create", "--account", provider["id"], env=admin
+        ).stdout
+    )["token"]
     logs = tmp_path / "logs"
     logs.mkdir()
     processes: list[subprocess.Popen[bytes]] = []
@@ -56,17 +66,28 @@ def network(tmp_path: Path, backend: str, *node_args: str) -> Iterator[tuple[str
             processes.append(
                 subprocess.Popen(  # noqa: S603
                     swarmgate_cmd(
-                        "node", "--backend", backend, "--token", token,
-                        "--gateway", f"ws://127.0.0.1:{port}/v1/nodes/connect", *node_args,
+                        "node",
+                        "--backend",
+                        backend,
+                        "--token",
+                        token,
+                        "--gateway",
+                        f"ws://127.0.0.1:{port}/v1/nodes/connect",
+                        *node_args,
                     ),
-                    env=env, stdout=node_log, stderr=subprocess.STDOUT,
+                    env=env,
+                    stdout=node_log,
+                    stderr=subprocess.STDOUT,
                 )
             )
         base_url = f"http://127.0.0.1:{port}/v1"
         with openai.OpenAI(base_url=base_url, api_key=key, max_retries=0) as client:
             deadline = time.monotonic() + 120  # model load
-            while not any(m.model_extra and m.model_extra.get("available")
-                          for m in client.models.list().data if m.id == MODEL):
+            while not any(
+                m.model_extra and m.model_extra.get("available")
+                for m in client.models.list().data
+                if m.id == MODEL
+            ):
                 assert processes[1].poll() is None, (logs / "node.log").read_text()
                 assert time.monotonic() < deadline, "the device never came up"
                 time.sleep(0.2)

@@ -59,8 +59,7 @@ def _check_banner_and_call(banner: str, port: int) -> str:
     response = httpx.post(
         f"{base}/v1/chat/completions",
         headers={"Authorization": f"Bearer {key}"},
-        json={"model": MODEL, "messages": [{"role": "user", "content": "Say hi"}],
-              "max_tokens": 8},
+        json={"model": MODEL, "messages": [{"role": "user", "content": "Say hi"}], "max_tokens": 8},
         timeout=120,
     )
     assert response.status_code == 200, response.text

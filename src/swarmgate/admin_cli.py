@@ -20,6 +20,10 @@ from swarmgate.config import GatewaySettings
 from swarmgate.errors import SwarmgateError
 from swarmgate.store.db import create_engine, migrate
 
+# Micro-dollars are stored in signed 64-bit columns: the most that can be stored at all.
+# (The service applies its own, lower, business limits.)
+MAX_STORABLE_USD = Decimal(2**63 - 1).scaleb(-6)
+
 
 def usd_to_micros(value: str) -> int:
     """Parses a dollar amount exactly (Decimal, never float) into micro-dollars."""
@@ -27,6 +31,12 @@ def usd_to_micros(value: str) -> int:
         amount = Decimal(value)
     except InvalidOperation:
         raise argparse.ArgumentTypeError(f"not an amount of dollars: {value!r}") from None
+    if not amount.is_finite():  # inf, nan, snan
+        raise argparse.ArgumentTypeError(f"not an amount of dollars: {value!r}")
+    if amount < 0:
+        raise argparse.ArgumentTypeError("credits must be ≥ 0 with at most 6 decimal places")
+    if amount > MAX_STORABLE_USD:
+        raise argparse.ArgumentTypeError(f"too many dollars to store: {value!r}")
     micros = amount * 1_000_000
     if micros != micros.to_integral_value() or micros < 0:
         raise argparse.ArgumentTypeError("credits must be ≥ 0 with at most 6 decimal places")
@@ -112,7 +122,10 @@ def _print_human(result: dict[str, Any]) -> None:
 
 async def _accounts_create(engine: Any, args: argparse.Namespace) -> dict[str, Any]:
     return await service.create_account(
-        engine, name=args.name, email=args.email, credit_micros=args.credits,
+        engine,
+        name=args.name,
+        email=args.email,
+        credit_micros=args.credits,
         provider=args.provider,
     )
 
@@ -125,14 +138,24 @@ async def _keys_create(engine: Any, args: argparse.Namespace) -> dict[str, Any]:
     created = await service.create_api_key(
         engine, account_id=args.account, name=args.name, mode="test" if args.test else "live"
     )
-    return {"id": created.id, "account_id": created.account_id, "key": created.secret,
-            "prefix": created.prefix, "created_at": created.created_at.isoformat()}
+    return {
+        "id": created.id,
+        "account_id": created.account_id,
+        "key": created.secret,
+        "prefix": created.prefix,
+        "created_at": created.created_at.isoformat(),
+    }
 
 
 async def _devices_create(engine: Any, args: argparse.Namespace) -> dict[str, Any]:
     created = await service.create_device(engine, account_id=args.account, name=args.name)
-    return {"id": created.id, "account_id": created.account_id, "token": created.secret,
-            "prefix": created.prefix, "created_at": created.created_at.isoformat()}
+    return {
+        "id": created.id,
+        "account_id": created.account_id,
+        "token": created.secret,
+        "prefix": created.prefix,
+        "created_at": created.created_at.isoformat(),
+    }
 
 
 async def _devices_list(engine: Any, _args: argparse.Namespace) -> dict[str, Any]:
@@ -144,10 +167,14 @@ async def _models_list(_engine: Any, _args: argparse.Namespace) -> dict[str, Any
     return {
         "object": "list",
         "data": [
-            {"id": m.id, "tier": m.tier, "context_length": m.context_length,
-             "input_per_1m_micros": m.pricing.input_per_1m_micros,
-             "output_per_1m_micros": m.pricing.output_per_1m_micros,
-             "sha256": m.artifact.sha256 if m.artifact else None}
+            {
+                "id": m.id,
+                "tier": m.tier,
+                "context_length": m.context_length,
+                "input_per_1m_micros": m.pricing.input_per_1m_micros,
+                "output_per_1m_micros": m.pricing.output_per_1m_micros,
+                "sha256": m.artifact.sha256 if m.artifact else None,
+            }
             for m in catalog
         ],
     }

@@ -47,6 +47,8 @@ def uvicorn_config(app: Any, settings: GatewaySettings) -> Any:
         http="httptools",
         ws="websockets-sansio",
         ws_max_size=settings.max_frame_bytes,
+        # Device frames are small and latency-bound: compressing each costs more than it saves.
+        ws_per_message_deflate=False,
         access_log=False,
         log_config=None,
         timeout_graceful_shutdown=10,
@@ -119,8 +121,10 @@ def cmd_node(args: argparse.Namespace) -> int:
         overrides["models"] = args.model
     settings = NodeSettings(**overrides)
     if not settings.token:
-        print("swarmgate node: a device token is needed (--token or SWARMGATE_NODE_TOKEN)",
-              file=sys.stderr)
+        print(
+            "swarmgate node: a device token is needed (--token or SWARMGATE_NODE_TOKEN)",
+            file=sys.stderr,
+        )
         return 2
 
     async def main() -> int:

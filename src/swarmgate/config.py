@@ -17,7 +17,7 @@ def default_data_dir() -> Path:
 class GatewaySettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SWARMGATE_", extra="ignore")
 
-    environment: str = Field("development", description="development | production")
+    environment: str = "development"  # development | production
     host: str = "127.0.0.1"
     port: int = 8080
     data_dir: Path = Field(default_factory=default_data_dir)

@@ -30,9 +30,7 @@ _FORBIDDEN = frozenset({"prompt", "messages", "content", "text", "completion", "
 
 
 def _extras(record: logging.LogRecord) -> dict[str, Any]:
-    return {
-        k: v for k, v in record.__dict__.items() if k not in _STANDARD and k not in _FORBIDDEN
-    }
+    return {k: v for k, v in record.__dict__.items() if k not in _STANDARD and k not in _FORBIDDEN}
 
 
 class KeyValueFormatter(logging.Formatter):

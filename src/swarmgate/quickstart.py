@@ -36,6 +36,7 @@ class _Server(uvicorn.Server):
 
 
 def _load_credentials(path: Path) -> dict[str, Any]:
+    path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists():
         return dict(orjson.loads(path.read_bytes()))
     return {}
@@ -68,8 +69,9 @@ async def ensure_accounts(settings: GatewaySettings, creds: dict[str, Any]) -> d
             device = await service.create_device(
                 engine, account_id=provider["id"], name="this machine"
             )
-            creds.update(provider_account_id=provider["id"], device_token=device.secret,
-                         device_id=device.id)
+            creds.update(
+                provider_account_id=provider["id"], device_token=device.secret, device_id=device.id
+            )
     finally:
         await engine.dispose()
     return creds
@@ -100,27 +102,27 @@ Press Ctrl-C to stop.
 """
 
 
-async def run_quickstart(
-    *, data_dir: Path, host: str, port: int, backend: str, model: str
-) -> int:
+async def run_quickstart(*, data_dir: Path, host: str, port: int, backend: str, model: str) -> int:
     from swarmgate.cli import _stop_event, uvicorn_config
 
-    data_dir.mkdir(parents=True, exist_ok=True)
     creds_path = data_dir / "credentials.json"
-    creds = _load_credentials(creds_path)
+    creds = await asyncio.to_thread(_load_credentials, creds_path)
     creds.setdefault("admin_token", secrets.token_urlsafe(32))
     settings = GatewaySettings(
         data_dir=data_dir, host=host, port=port, admin_token=creds["admin_token"]
     )
     creds = await ensure_accounts(settings, creds)
-    _save_credentials(creds_path, creds)
+    await asyncio.to_thread(_save_credentials, creds_path, creds)
 
     stop = _stop_event()
     try:
         device_backend = create_backend(backend, **({"slots": 1} if backend == "llama-cpp" else {}))
     except ImportError as exc:
-        print(f"swarmgate up: the {backend} backend is not installed ({exc}). "
-              "Install with: pip install 'swarmgate[llama]'", file=sys.stderr)
+        print(
+            f"swarmgate up: the {backend} backend is not installed ({exc}). "
+            "Install with: pip install 'swarmgate[llama]'",
+            file=sys.stderr,
+        )
         return 1
 
     app = create_app(settings, Gateway(settings))

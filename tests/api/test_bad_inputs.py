@@ -131,8 +131,15 @@ async def test_oversized_body_is_refused_before_reading_it_all(live: LiveGateway
 
 @pytest.mark.parametrize(
     "authorization",
-    [None, "", "Bearer", "Bearer sg_live_wrongwrongwrongwrongwrongwrong", "Basic dXNlcjpwYXNz",
-     "Bearer sk-openai-style-key", "bearer " + "x" * 5000],
+    [
+        None,
+        "",
+        "Bearer",
+        "Bearer sg_live_wrongwrongwrongwrongwrongwrong",
+        "Basic dXNlcjpwYXNz",
+        "Bearer sk-openai-style-key",
+        "bearer " + "x" * 5000,
+    ],
 )
 async def test_bad_keys_are_401(live: LiveGateway, authorization: str | None) -> None:
     headers = {"Authorization": authorization} if authorization is not None else {}
@@ -153,9 +160,7 @@ async def test_revoked_and_expired_keys_are_401(live: LiveGateway) -> None:
     revoked = await service.create_api_key(engine, account_id=account_id)
     async with engine.begin() as conn:
         await conn.execute(
-            update(api_keys)
-            .where(api_keys.c.id == revoked.id)
-            .values(revoked_at=datetime.now(UTC))
+            update(api_keys).where(api_keys.c.id == revoked.id).values(revoked_at=datetime.now(UTC))
         )
     for secret in (expired.secret, revoked.secret):
         async with live.client(secret) as client:

@@ -50,7 +50,9 @@ async def test_streaming_sends_role_first_finish_last_and_usage(live: LiveGatewa
     content_chunks = [c for c in chunks if c.choices and c.choices[0].delta.content]
     assert chunks[0].choices[0].delta.role == "assistant"
     assert len(content_chunks) == 9
-    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    finish = [
+        c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason
+    ]
     assert finish == ["length"]
     usage_chunks = [c for c in chunks if c.usage is not None]
     assert len(usage_chunks) == 1 and usage_chunks[0] is chunks[-1]
@@ -158,9 +160,7 @@ async def test_admin_api_needs_the_admin_token(live: LiveGateway) -> None:
         account = (await admin.post("/admin/accounts", json={"name": "a"})).json()
         key = (await admin.post(f"/admin/accounts/{account['id']}/keys", json={})).json()
         assert key["key"].startswith("sg_live_")
-        device = (
-            await admin.post("/admin/devices", json={"account_id": account["id"]})
-        ).json()
+        device = (await admin.post("/admin/devices", json={"account_id": account["id"]})).json()
         assert device["token"].startswith("sg_dev_")
         listed = (await admin.get("/admin/devices")).json()["data"]
         assert [d["id"] for d in listed] == [device["id"]]

@@ -216,3 +216,25 @@ def test_a_corrupt_cache_file_is_ignored(tmp_path: Path) -> None:
     assert cached_sha256(path, cache_dir) == hashlib.sha256(b"one").hexdigest()
     (cache_dir / "sha256-cache.json").write_text(json.dumps({str(path.resolve()): "nonsense"}))
     assert cached_sha256(path, cache_dir) == hashlib.sha256(b"one").hexdigest()
+
+
+def test_gemma_template_folds_the_system_prompt_into_the_first_turn() -> None:
+    jinja2 = pytest.importorskip("jinja2")
+    template = BUNDLED_MODELS["gemma3-270m-q4_k_m"].chat_template
+    assert template is not None
+    env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True, autoescape=False)
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi "},
+        {"role": "assistant", "content": "Hello"},
+        {"role": "user", "content": "Capital?"},
+    ]
+    prompt = env.from_string(template).render(
+        messages=messages, bos_token="<bos>", add_generation_prompt=True
+    )
+    assert prompt == (
+        "<bos><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n"
+        "<start_of_turn>model\nHello<end_of_turn>\n"
+        "<start_of_turn>user\nCapital?<end_of_turn>\n"
+        "<start_of_turn>model\n"
+    )

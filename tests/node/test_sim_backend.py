@@ -21,7 +21,9 @@ from swarmgate.protocol import ChatMessage, SamplingParams
 MODEL = "smollm2-135m-instruct-q4_1"
 
 
-def request(text: str = "hello", max_tokens: int = 256, seed: int | None = None) -> GenerationRequest:
+def request(
+    text: str = "hello", max_tokens: int = 256, seed: int | None = None
+) -> GenerationRequest:
     return GenerationRequest(
         job_id="j",
         model=MODEL,
@@ -57,7 +59,9 @@ async def test_same_prompt_same_answer_and_prompt_changes_it() -> None:
     assert done.prompt_tokens > 0
 
 
-@pytest.mark.parametrize(("max_tokens", "tokens", "reason"), [(3, 3, "length"), (10, 10, "stop"), (50, 10, "stop")])
+@pytest.mark.parametrize(
+    ("max_tokens", "tokens", "reason"), [(3, 3, "length"), (10, 10, "stop"), (50, 10, "stop")]
+)
 async def test_max_tokens_and_finish_reason(max_tokens: int, tokens: int, reason: str) -> None:
     backend = await loaded(length=10)
     _, done = await run(backend, request(max_tokens=max_tokens))

@@ -26,8 +26,12 @@ def device(
     models: tuple[str, ...] = ("m",),
 ) -> DeviceConnection:
     conn = DeviceConnection(
-        device_id=name, account_id="acct", region="r", slots=slots,
-        models=frozenset(models), send_text=_noop,
+        device_id=name,
+        account_id="acct",
+        region="r",
+        slots=slots,
+        models=frozenset(models),
+        send_text=_noop,
     )
     conn.state = state
     conn.ewma_ttft_ms = ttft
@@ -42,17 +46,47 @@ NOW = 1000.0
 PICK_CASES = [
     ("empty", [], set(), None),
     ("only one", [device("a")], set(), "a"),
-    ("least loaded wins", [device("a", slots=4, active=3), device("b", slots=4, active=1)], set(), "b"),
-    ("load is a fraction of slots", [device("a", slots=8, active=2), device("b", slots=2, active=1)], set(), "a"),
-    ("full devices are skipped", [device("a", active=1), device("b", slots=2, active=1)], set(), "b"),
+    (
+        "least loaded wins",
+        [device("a", slots=4, active=3), device("b", slots=4, active=1)],
+        set(),
+        "b",
+    ),
+    (
+        "load is a fraction of slots",
+        [device("a", slots=8, active=2), device("b", slots=2, active=1)],
+        set(),
+        "a",
+    ),
+    (
+        "full devices are skipped",
+        [device("a", active=1), device("b", slots=2, active=1)],
+        set(),
+        "b",
+    ),
     ("faster first token breaks ties", [device("a", ttft=300), device("b", ttft=120)], set(), "b"),
     ("unmeasured devices get tried", [device("a", ttft=50), device("b")], set(), "b"),
     ("excluded devices are skipped", [device("a"), device("b", ttft=900)], {"a"}, "b"),
-    ("paused devices are skipped", [device("a", state=ConnectionState.PAUSED), device("b", ttft=900)], set(), "b"),
+    (
+        "paused devices are skipped",
+        [device("a", state=ConnectionState.PAUSED), device("b", ttft=900)],
+        set(),
+        "b",
+    ),
     ("draining devices are skipped", [device("a", state=ConnectionState.DRAINING)], set(), None),
-    ("cooling devices come last", [device("a", cooldown_until=NOW + 5), device("b", ttft=900)], set(), "b"),
+    (
+        "cooling devices come last",
+        [device("a", cooldown_until=NOW + 5), device("b", ttft=900)],
+        set(),
+        "b",
+    ),
     ("a cooling device beats none", [device("a", cooldown_until=NOW + 5)], set(), "a"),
-    ("cooldown over", [device("a", cooldown_until=NOW - 1, ttft=1), device("b", ttft=2)], set(), "a"),
+    (
+        "cooldown over",
+        [device("a", cooldown_until=NOW - 1, ttft=1), device("b", ttft=2)],
+        set(),
+        "a",
+    ),
 ]
 
 
@@ -60,7 +94,9 @@ PICK_CASES = [
     ("candidates", "exclude", "expected"),
     [pytest.param(c, e, x, id=i) for i, c, e, x in PICK_CASES],
 )
-def test_pick_device(candidates: list[DeviceConnection], exclude: set[str], expected: str | None) -> None:
+def test_pick_device(
+    candidates: list[DeviceConnection], exclude: set[str], expected: str | None
+) -> None:
     chosen = pick_device(candidates, exclude, now=NOW)
     assert (chosen.device_id if chosen else None) == expected
 
@@ -69,7 +105,9 @@ def test_pick_device(candidates: list[DeviceConnection], exclude: set[str], expe
     ("failures", "cooldown"),
     [(1, 2.0), (2, 4.0), (3, 8.0), (5, 32.0), (6, 60.0), (20, 60.0)],
 )
-def test_cooldown_grows_with_consecutive_failures_and_is_capped(failures: int, cooldown: float) -> None:
+def test_cooldown_grows_with_consecutive_failures_and_is_capped(
+    failures: int, cooldown: float
+) -> None:
     conn = device("a")
     for _ in range(failures):
         conn.observe_failure(NOW)

@@ -155,13 +155,13 @@ async def test_stream_fails_over_when_device_dies_before_first_token(live: LiveG
 async def test_client_disconnect_cancels_the_job_on_the_device(live: LiveGateway) -> None:
     agent = await live.add_sim_device(tokens_per_s=20, length=200)
     _, key = await live.developer_key()
-    async with live.client(key) as client:
-        async with client.stream(
-            "POST", "/v1/chat/completions", json={**CHAT, "stream": True}
-        ) as response:
-            async for line in response.aiter_lines():
-                if '"content"' in line:
-                    break
+    async with (
+        live.client(key) as client,
+        client.stream("POST", "/v1/chat/completions", json={**CHAT, "stream": True}) as response,
+    ):
+        async for line in response.aiter_lines():
+            if '"content"' in line:
+                break
     device = live.gateway.registry.devices()[0]
     for _ in range(100):
         if not device.active and not agent._jobs:

@@ -147,7 +147,10 @@ async def verify_device_token(engine: AsyncEngine, secret: str | None) -> Device
         return None
     digest = digest_of(secret)
     query = select(
-        devices.c.id, devices.c.account_id, devices.c.name, devices.c.token_digest,
+        devices.c.id,
+        devices.c.account_id,
+        devices.c.name,
+        devices.c.token_digest,
         devices.c.revoked_at,
     ).where(devices.c.token_digest == digest)
     async with engine.connect() as conn:

@@ -10,6 +10,7 @@ from fastapi import FastAPI
 from swarmgate import __version__
 from swarmgate.api import admin, chat, health, inference, models, nodes
 from swarmgate.api.errors import install_error_handlers
+from swarmgate.api.hotpath import HotPaths
 from swarmgate.api.responses import JSONResponse
 from swarmgate.config import GatewaySettings
 from swarmgate.gateway import Gateway
@@ -36,9 +37,19 @@ def create_app(settings: GatewaySettings | None = None, gateway: Gateway | None 
         ),
         lifespan=lifespan,
         default_response_class=JSONResponse,
+        # Tracing is configured by Swarmgate itself; skip the per-request provider checks.
+        telemetry={"tracing": False, "metrics": False, "logs": False, "operation_spans": False},
     )
     app.state.gateway = gateway
     install_error_handlers(app)
     for module in (chat, inference, models, health, admin, nodes):
         app.include_router(module.router)
+    app.add_middleware(
+        HotPaths,
+        gateway=gateway,
+        routes={
+            "/v1/chat/completions": chat.chat_completions,
+            "/v1/inference": inference.inference,
+        },
+    )
     return app

@@ -7,6 +7,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
+from swarmgate.accounts.keys import Principal
 from swarmgate.api.deps import CurrentPrincipal, GatewayDep, read_body
 from swarmgate.api.responses import json_response
 from swarmgate.api.running import (
@@ -88,6 +89,11 @@ CHAT_OPENAPI = {
 async def create_chat_completion(
     request: Request, principal: CurrentPrincipal, gateway: GatewayDep
 ) -> Response:
+    return await chat_completions(request, gateway, principal)
+
+
+async def chat_completions(request: Request, gateway: Gateway, principal: Principal) -> Response:
+    """The endpoint itself; served from the hot path (``api/hotpath.py``) in the gateway."""
     raw = await read_body(request, gateway.settings.max_body_bytes)
     body = parse_body(ChatCompletionRequest, raw)
     job_id = new_job_id("chatcmpl-")

@@ -12,7 +12,8 @@ from swarmgate.errors import AdminAuthError, BodyTooLarge, RequestError
 from swarmgate.gateway import Gateway
 
 
-def get_gateway(request: Request) -> Gateway:
+async def get_gateway(request: Request) -> Gateway:
+    # async: a plain def dependency would cost a thread-pool hop on every request
     gateway: Gateway = request.app.state.gateway
     return gateway
 

@@ -30,7 +30,9 @@ def error_response(error: SwarmgateError) -> Response:
     return json_response(error.to_dict(), status_code=error.status_code, headers=headers)
 
 
-def envelope(status: int, message: str, code: str, type_: str, param: str | None = None) -> Response:
+def envelope(
+    status: int, message: str, code: str, type_: str, param: str | None = None
+) -> Response:
     body = {"error": {"message": message, "type": type_, "code": code, "param": param}}
     return json_response(body, status_code=status)
 

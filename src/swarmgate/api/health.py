@@ -26,6 +26,4 @@ async def readyz(gateway: GatewayDep) -> Response:
             await conn.execute(text("SELECT 1"))
     except Exception:
         return json_response({"status": "database unreachable"}, status_code=503)
-    return json_response(
-        {"status": "ready", "devices": len(gateway.registry.devices())}
-    )
+    return json_response({"status": "ready", "devices": len(gateway.registry.devices())})

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Request
 from sqlalchemy import select
 from starlette.responses import Response
 
+from swarmgate.accounts.keys import Principal
 from swarmgate.api.chat import resolve_model
 from swarmgate.api.deps import CurrentPrincipal, GatewayDep, read_body
 from swarmgate.api.responses import json_response
@@ -63,6 +64,11 @@ def _body_schema(model: Any) -> dict[str, Any]:
 async def create_inference(
     request: Request, principal: CurrentPrincipal, gateway: GatewayDep
 ) -> Response:
+    return await inference(request, gateway, principal)
+
+
+async def inference(request: Request, gateway: Gateway, principal: Principal) -> Response:
+    """The endpoint itself; served from the hot path (``api/hotpath.py``) in the gateway."""
     body = parse_body(InferenceRequest, await read_body(request, gateway.settings.max_body_bytes))
     model_id = _check_max_tokens(gateway, body.model, body.max_tokens)
     job_id = new_job_id("inf_")
@@ -155,7 +161,9 @@ async def create_inference(
     status_code=202,
     response_model=None,
 )
-async def create_job(request: Request, principal: CurrentPrincipal, gateway: GatewayDep) -> Response:
+async def create_job(
+    request: Request, principal: CurrentPrincipal, gateway: GatewayDep
+) -> Response:
     body = parse_body(JobRequest, await read_body(request, gateway.settings.max_body_bytes))
     if (body.prompt is None) == (body.messages is None):
         raise RequestError("Send exactly one of 'prompt' or 'messages'.", param="prompt")
@@ -163,7 +171,7 @@ async def create_job(request: Request, principal: CurrentPrincipal, gateway: Gat
     if body.messages is not None:
         messages = [{"role": m.chat_role, "content": m.text} for m in body.messages]
     else:
-        messages = [{"role": "user", "content": body.prompt}]
+        messages = [{"role": "user", "content": body.prompt or ""}]
     params = SamplingParams(
         max_tokens=body.max_tokens,
         temperature=body.temperature,

@@ -64,7 +64,9 @@ def parse_frame(raw: str | bytes | None, limit: int) -> Hello | Heartbeat | Delt
         first = exc.errors(include_url=False)[0]
         where = ".".join(str(p) for p in first["loc"]) or "frame"
         # The reason goes back to the node; keep it short (close reasons max 123 bytes).
-        raise ProtocolViolation(CLOSE_BAD_FRAME, f"bad frame: {where}: {first['msg']}"[:120]) from None
+        raise ProtocolViolation(
+            CLOSE_BAD_FRAME, f"bad frame: {where}: {first['msg']}"[:120]
+        ) from None
 
 
 async def _receive(ws: WebSocket) -> str | bytes | None:
@@ -136,7 +138,11 @@ async def connect(ws: WebSocket) -> None:
     except ProtocolViolation as exc:
         log.warning(
             "device broke the protocol",
-            extra={"device_id": device.device_id, "close_code": exc.close_code, "reason": exc.reason},
+            extra={
+                "device_id": device.device_id,
+                "close_code": exc.close_code,
+                "reason": exc.reason,
+            },
         )
         device.close_code = exc.close_code
         device.close(exc.reason)
@@ -197,9 +203,7 @@ def _apply_heartbeat(device: DeviceConnection, beat: Heartbeat, gateway: Gateway
         device.transition(ConnectionState.PAUSED)
     elif not beat.paused and device.state is ConnectionState.PAUSED:
         device.pause_reason = None
-        device.transition(
-            ConnectionState.READY if device.free_slots > 0 else ConnectionState.BUSY
-        )
+        device.transition(ConnectionState.READY if device.free_slots > 0 else ConnectionState.BUSY)
         gateway.registry.slot_freed(device)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import secrets
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -66,11 +66,13 @@ async def complete_or_cancel(request: Request, execution: Execution) -> Completi
         watcher.cancel()
 
 
-class ClientGone(Exception):  # noqa: N818 - the client hung up; nothing to answer
+class ClientGone(Exception):
     pass
 
 
-async def open_stream(execution: Execution) -> tuple[Delta | Done, AsyncIterator[Delta | Done]]:
+async def open_stream(
+    execution: Execution,
+) -> tuple[Delta | Done, AsyncGenerator[Delta | Done, None]]:
     """Waits for the first event, with failover, before any byte of the response is sent,
     so that every failure up to there is a plain HTTP error."""
     events = execution.stream()
@@ -86,7 +88,7 @@ def stream_response(
     gateway: Gateway,
     execution: Execution,
     first: Delta | Done,
-    events: AsyncIterator[Delta | Done],
+    events: AsyncGenerator[Delta | Done, None],
     created_at: datetime,
     frames: Callable[[Delta | Done | None], list[bytes]],
 ) -> StreamingResponse:
@@ -106,7 +108,7 @@ def stream_response(
             yield sse(exc.to_dict())
         finally:
             with contextlib.suppress(Exception):
-                await events.aclose()  # type: ignore[attr-defined]
+                await events.aclose()
             gateway.job_log.record(execution, created_at)
 
     return StreamingResponse(body(), media_type="text/event-stream", headers=SSE_HEADERS)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import platform
@@ -150,11 +151,11 @@ class NodeAgent:
             self.gateway_url,
             additional_headers=headers,
             max_size=16 * 1024 * 1024,
+            compression=None,  # small, latency-bound frames: deflate costs more than it saves
             open_timeout=10,
             ping_interval=20,
             ping_timeout=20,
         ) as ws:
-            await ws.send(self._hello())
             welcome = await self._welcome(ws)
             self.stats.sessions += 1
             self.stats.connected = True
@@ -165,9 +166,7 @@ class NodeAgent:
             reader = asyncio.create_task(self._read(ws))
             stopper = asyncio.create_task(stop.wait())
             try:
-                done, _ = await asyncio.wait(
-                    {reader, stopper}, return_when=asyncio.FIRST_COMPLETED
-                )
+                done, _ = await asyncio.wait({reader, stopper}, return_when=asyncio.FIRST_COMPLETED)
                 if stopper in done:
                     await self._drain(ws)
                     await ws.close(1000, "node stopping")
@@ -193,7 +192,10 @@ class NodeAgent:
         ).decode()
 
     async def _welcome(self, ws: ClientConnection) -> Welcome:
+        """Sends hello and waits for welcome. A refusal can arrive before hello is even sent
+        (a wrong token is refused at once), so the send is watched for it too."""
         try:
+            await ws.send(self._hello())
             raw = await asyncio.wait_for(ws.recv(), 15)
         except websockets.exceptions.ConnectionClosed as exc:
             code = exc.rcvd.code if exc.rcvd else None
@@ -249,14 +251,21 @@ class NodeAgent:
             asyncio.create_task(  # noqa: RUF006 - fire and forget; errors are logged by _send
                 self._send(
                     ws,
-                    {"type": "error", "job_id": frame.job_id, "code": "NODE_BUSY",
-                     "message": reason},
+                    {
+                        "type": "error",
+                        "job_id": frame.job_id,
+                        "code": "NODE_BUSY",
+                        "message": reason,
+                    },
                 )
             )
             return
         task = asyncio.create_task(self._run_job(ws, frame), name=f"job-{frame.job_id}")
         self._jobs[frame.job_id] = task
-        task.add_done_callback(lambda _t, job_id=frame.job_id: self._jobs.pop(job_id, None))
+        task.add_done_callback(functools.partial(self._forget_job, frame.job_id))
+
+    def _forget_job(self, job_id: str, _task: asyncio.Task[None]) -> None:
+        self._jobs.pop(job_id, None)
 
     async def _run_job(self, ws: ClientConnection, frame: JobFrame) -> None:
         request = GenerationRequest(
@@ -276,8 +285,12 @@ class NodeAgent:
                     if frame.stream:
                         await self._send(
                             ws,
-                            {"type": "delta", "job_id": frame.job_id, "text": event.text,
-                             "tokens": event.tokens},
+                            {
+                                "type": "delta",
+                                "job_id": frame.job_id,
+                                "text": event.text,
+                                "tokens": event.tokens,
+                            },
                         )
                         continue
                     pending.append(event.text)
@@ -285,8 +298,12 @@ class NodeAgent:
                     if time.monotonic() - last_flush >= PROGRESS_INTERVAL_S:
                         await self._send(
                             ws,
-                            {"type": "delta", "job_id": frame.job_id, "text": "".join(pending),
-                             "tokens": pending_tokens},
+                            {
+                                "type": "delta",
+                                "job_id": frame.job_id,
+                                "text": "".join(pending),
+                                "tokens": pending_tokens,
+                            },
                         )
                         pending, pending_tokens, sent_any = [], 0, True
                         last_flush = time.monotonic()
@@ -305,8 +322,12 @@ class NodeAgent:
                             if pending:
                                 await self._send(
                                     ws,
-                                    {"type": "delta", "job_id": frame.job_id,
-                                     "text": "".join(pending), "tokens": pending_tokens},
+                                    {
+                                        "type": "delta",
+                                        "job_id": frame.job_id,
+                                        "text": "".join(pending),
+                                        "tokens": pending_tokens,
+                                    },
                                 )
                         else:
                             done["text"] = "".join(pending)
@@ -318,8 +339,12 @@ class NodeAgent:
             self.stats.jobs_failed += 1
             await self._send(
                 ws,
-                {"type": "error", "job_id": frame.job_id, "code": exc.code,
-                 "message": str(exc)[:500]},
+                {
+                    "type": "error",
+                    "job_id": frame.job_id,
+                    "code": exc.code,
+                    "message": str(exc)[:500],
+                },
             )
         except DropConnection:
             self.stats.jobs_failed += 1
@@ -338,8 +363,12 @@ class NodeAgent:
         with contextlib.suppress(Exception):
             await self._send(
                 ws,
-                {"type": "heartbeat", "active_jobs": len(self._jobs), "paused": True,
-                 "pause_reason": "draining"},
+                {
+                    "type": "heartbeat",
+                    "active_jobs": len(self._jobs),
+                    "paused": True,
+                    "pause_reason": "draining",
+                },
             )
         running = list(self._jobs.values())
         if not running:
@@ -353,8 +382,12 @@ class NodeAgent:
             with contextlib.suppress(Exception):
                 await self._send(
                     ws,
-                    {"type": "error", "job_id": job_id, "code": "NODE_STOPPING",
-                     "message": "the node is shutting down"},
+                    {
+                        "type": "error",
+                        "job_id": job_id,
+                        "code": "NODE_STOPPING",
+                        "message": "the node is shutting down",
+                    },
                 )
             task.cancel()
         await self._cancel_all()

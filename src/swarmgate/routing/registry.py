@@ -7,6 +7,7 @@ the same calls. Choosing among candidates is the pure ``pick_device``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
@@ -186,7 +187,9 @@ class DeviceRegistry:
         return {model: len(members) for model, members in self._by_model.items()}
 
     # -- slots ----------------------------------------------------------------------
-    def try_reserve(self, model: str, exclude: frozenset[str] | set[str]) -> DeviceConnection | None:
+    def try_reserve(
+        self, model: str, exclude: frozenset[str] | set[str]
+    ) -> DeviceConnection | None:
         return pick_device(self._by_model.get(model, ()), exclude)
 
     async def reserve(
@@ -225,10 +228,8 @@ class DeviceRegistry:
             finally:
                 if not future.done():
                     future.cancel()
-                try:
+                with contextlib.suppress(ValueError):
                     waiters.remove(future)
-                except ValueError:
-                    pass
             device = self.try_reserve(model, exclude)
             if device is not None:
                 return device

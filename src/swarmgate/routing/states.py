@@ -1,12 +1,12 @@
 """Explicit state machines for device connections and jobs.
 
-    connection:  connecting → ready ⇄ busy
-                              ready/busy ⇄ paused
-                              ready/busy/paused → draining → closed
-                              (any) → closed
+connection:  connecting → ready ⇄ busy
+                          ready/busy ⇄ paused
+                          ready/busy/paused → draining → closed
+                          (any) → closed
 
-    job:         pending → running → succeeded | failed | cancelled
-                 pending → failed | cancelled
+job:         pending → running → succeeded | failed | cancelled
+             pending → failed | cancelled
 """
 
 from __future__ import annotations
@@ -28,16 +28,28 @@ class ConnectionState(enum.Enum):
 _CONNECTION_EDGES: dict[ConnectionState, frozenset[ConnectionState]] = {
     ConnectionState.CONNECTING: frozenset({ConnectionState.READY, ConnectionState.CLOSED}),
     ConnectionState.READY: frozenset(
-        {ConnectionState.BUSY, ConnectionState.PAUSED, ConnectionState.DRAINING,
-         ConnectionState.CLOSED}
+        {
+            ConnectionState.BUSY,
+            ConnectionState.PAUSED,
+            ConnectionState.DRAINING,
+            ConnectionState.CLOSED,
+        }
     ),
     ConnectionState.BUSY: frozenset(
-        {ConnectionState.READY, ConnectionState.PAUSED, ConnectionState.DRAINING,
-         ConnectionState.CLOSED}
+        {
+            ConnectionState.READY,
+            ConnectionState.PAUSED,
+            ConnectionState.DRAINING,
+            ConnectionState.CLOSED,
+        }
     ),
     ConnectionState.PAUSED: frozenset(
-        {ConnectionState.READY, ConnectionState.BUSY, ConnectionState.DRAINING,
-         ConnectionState.CLOSED}
+        {
+            ConnectionState.READY,
+            ConnectionState.BUSY,
+            ConnectionState.DRAINING,
+            ConnectionState.CLOSED,
+        }
     ),
     ConnectionState.DRAINING: frozenset({ConnectionState.CLOSED}),
     ConnectionState.CLOSED: frozenset(),

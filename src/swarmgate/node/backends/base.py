@@ -52,7 +52,7 @@ class BackendError(Exception):
         self.code = code
 
 
-class DropConnection(Exception):  # noqa: N818 - an instruction, not an error condition
+class DropConnection(Exception):
     """Raised by a (simulated) backend to make the node drop its gateway connection."""
 
 
@@ -79,7 +79,9 @@ class BackendSpec:
 BACKENDS: dict[str, BackendSpec] = {}
 
 
-def register_backend(name: str, description: str = "") -> Callable[[Callable[..., Backend]], Callable[..., Backend]]:
+def register_backend(
+    name: str, description: str = ""
+) -> Callable[[Callable[..., Backend]], Callable[..., Backend]]:
     def decorator(factory: Callable[..., Backend]) -> Callable[..., Backend]:
         BACKENDS[name] = BackendSpec(name=name, factory=factory, description=description)
         return factory

@@ -28,7 +28,12 @@ from swarmgate.node.backends.base import (
     GenerationRequest,
     TokenDelta,
 )
-from swarmgate.node.bundled import BundledModelError, cached_sha256, find_bundled_model
+from swarmgate.node.bundled import (
+    BUNDLED_MODELS,
+    BundledModelError,
+    cached_sha256,
+    find_bundled_model,
+)
 from swarmgate.protocol import ChatMessage, LoadedModel
 
 if TYPE_CHECKING:
@@ -171,6 +176,7 @@ class LlamaCppBackend:
         self._models: dict[str, _Model] = {}
         self._jobs: set[_Job] = set()
         self._jobs_lock = threading.Lock()
+        self._closing = False
 
     # -- loading ---------------------------------------------------------------
 
@@ -206,12 +212,19 @@ class LlamaCppBackend:
         return found
 
     def _load_model(self, model_id: str, path: Path) -> _Model:
-        digest = cached_sha256(path, self.cache_dir)
+        try:
+            digest = cached_sha256(path, self.cache_dir)
+        except OSError as exc:
+            raise BackendError(
+                f"model {model_id!r}: cannot read {path}: {exc}", code="MODEL_NOT_FOUND"
+            ) from exc
         instances: list[Llama] = []
         try:
             for _ in range(self.slots):
                 instances.append(self._new_instance(model_id, path))
-            formatter = _chat_formatter(instances[0])
+            bundled = BUNDLED_MODELS.get(model_id)
+            fallback = bundled.chat_template if bundled is not None else None
+            formatter = _chat_formatter(instances[0], fallback)
         except BaseException:
             for llm in instances:
                 llm.close()
@@ -240,7 +253,11 @@ class LlamaCppBackend:
         model = self._models.get(request.model)
         if model is None:
             raise BackendError(f"model {request.model!r} is not loaded", code="MODEL_NOT_LOADED")
+        self._refuse_if_closing()
         llm = await model.pool.acquire()
+        if self._closing:
+            model.pool.release(llm)
+            self._refuse_if_closing()
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[GenerationEvent | BaseException] = asyncio.Queue()
         job = _Job()
@@ -282,19 +299,28 @@ class LlamaCppBackend:
             # Consumer done, cancelled or gone: the worker stops before its next token.
             job.stop.set()
 
+    def _refuse_if_closing(self) -> None:
+        if self._closing:
+            raise BackendError("the llama-cpp backend is closed", code="BACKEND_CLOSED")
+
     def _end_job(self, job: _Job) -> None:
         with self._jobs_lock:
             self._jobs.discard(job)
         job.done.set()
 
     async def close(self) -> None:
-        with self._jobs_lock:
-            jobs = list(self._jobs)
-        for job in jobs:
-            job.stop.set()
-        # Freeing a model under a running worker would crash the process; wait for them.
-        for job in jobs:
-            await asyncio.to_thread(job.done.wait)
+        self._closing = True
+        # Freeing a model under a running worker would crash the process: stop the
+        # workers and wait for them (a job may have started while we waited).
+        while True:
+            with self._jobs_lock:
+                jobs = list(self._jobs)
+            if not jobs:
+                break
+            for job in jobs:
+                job.stop.set()
+            for job in jobs:
+                await asyncio.to_thread(job.done.wait)
         models, self._models = self._models, {}
         for model in models.values():
             model.pool.close()
@@ -310,10 +336,10 @@ def _as_backend_error(exc: Exception) -> BackendError:
     return error
 
 
-def _chat_formatter(llm: Llama) -> Jinja2ChatFormatter:
+def _chat_formatter(llm: Llama, fallback: str | None = None) -> Jinja2ChatFormatter:
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-    template = llm.metadata.get("tokenizer.chat_template")
+    template = llm.metadata.get("tokenizer.chat_template") or fallback
     if not template:
         log.warning("GGUF has no tokenizer.chat_template; falling back to ChatML")
         template = _CHATML_TEMPLATE

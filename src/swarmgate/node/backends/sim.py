@@ -25,11 +25,54 @@ from swarmgate.node.backends.base import (
 )
 from swarmgate.protocol import LoadedModel
 
-_WORDS = (
-    "the network answers every request with care and the devices share the work while "
-    "small models run on phones laptops and boxes people own so tokens flow back through "
-    "one gateway that keeps the books and routes each job to a device that can serve it"
-).split()
+_WORDS = [
+    "the",
+    "network",
+    "answers",
+    "every",
+    "request",
+    "with",
+    "care",
+    "and",
+    "the",
+    "devices",
+    "share",
+    "the",
+    "work",
+    "while",
+    "small",
+    "models",
+    "run",
+    "on",
+    "phones",
+    "laptops",
+    "and",
+    "boxes",
+    "people",
+    "own",
+    "so",
+    "tokens",
+    "flow",
+    "back",
+    "through",
+    "one",
+    "gateway",
+    "that",
+    "keeps",
+    "the",
+    "books",
+    "and",
+    "routes",
+    "each",
+    "job",
+    "to",
+    "a",
+    "device",
+    "that",
+    "can",
+    "serve",
+    "it",
+]
 
 
 @dataclass(frozen=True)
