@@ -7,6 +7,8 @@
     ├── AuthError                 401 INVALID_API_KEY
     │   └── AdminAuthError        401 INVALID_ADMIN_TOKEN
     ├── NotFound                  404 NOT_FOUND                (job, resource of another account)
+    ├── BillingError              402 BILLING_ERROR            (the ledger refused a money movement)
+    │   └── InsufficientCredits   402 INSUFFICIENT_CREDITS     (available balance cannot cover a hold)
     ├── RoutingError              503                          (no device can take the request)
     │   ├── ModelWarming          503 model_warming            (catalog model, no device has it loaded)
     │   └── DevicesBusy           503 DEVICES_BUSY             (every capable device stayed busy)
@@ -88,6 +90,19 @@ class NotFound(SwarmgateError):
     status_code = 404
     code = "NOT_FOUND"
     type = "invalid_request_error"
+
+
+class BillingError(SwarmgateError):
+    """The ledger refused to move money; ``code`` says why (e.g. HOLD_NOT_OPEN)."""
+
+    status_code = 402
+    code = "BILLING_ERROR"
+    type = "billing_error"
+
+
+class InsufficientCredits(BillingError):
+    code = "INSUFFICIENT_CREDITS"
+    type = "insufficient_quota"
 
 
 class RoutingError(SwarmgateError):

@@ -21,6 +21,7 @@ from swarmgate.accounts.keys import (
     new_secret,
     utcnow,
 )
+from swarmgate.billing.ledger import WELCOME_SOURCE, post_top_up
 from swarmgate.errors import NotFound, RequestError
 from swarmgate.store.db import iso
 from swarmgate.store.tables import accounts, api_keys, devices
@@ -59,10 +60,22 @@ async def create_account(
                     email=email,
                     is_developer=developer,
                     is_provider=provider,
+                    # Kept as a record of the grant; the balance itself lives in the ledger.
                     initial_credit_micros=credit_micros,
                     created_at=now,
                 )
             )
+            if credit_micros > 0:
+                # Same database transaction as the account: it never exists without its credit.
+                await post_top_up(
+                    conn,
+                    account_id=account_id,
+                    amount_micros=credit_micros,
+                    source=WELCOME_SOURCE,
+                    external_id=account_id,
+                    memo="welcome credit",
+                    now=now,
+                )
     except IntegrityError as exc:
         raise RequestError(f"an account with email {email!r} exists", param="email") from exc
     return {

@@ -5,6 +5,7 @@ from __future__ import annotations
 from sqlalchemy import (
     BigInteger,
     Boolean,
+    CheckConstraint,
     Column,
     DateTime,
     ForeignKey,
@@ -14,6 +15,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    UniqueConstraint,
 )
 
 metadata = MetaData()
@@ -106,4 +108,76 @@ job_attempts = Table(
     Column("first_token_ms", Integer),
     Column("duration_ms", Integer, nullable=False),
     Index("ix_job_attempts_job", "job_id"),
+)
+
+
+# -- the ledger: double-entry bookkeeping in integer micro-dollars ----------------------
+# A *book* is a named pot of money ("developer:<acct>", "holds:<acct>", "provider:<acct>",
+# "platform:revenue", "external:topups", ...). Every ledger transaction has entries that
+# sum to zero, so money only ever moves between books; ``balances`` keeps each book's
+# running total, updated in the same database transaction as its entries.
+
+holds = Table(
+    "holds",
+    metadata,
+    Column("id", String(40), primary_key=True),
+    Column("account_id", String(40), ForeignKey("accounts.id"), nullable=False),
+    Column("amount_micros", BigInteger, nullable=False),
+    Column("status", String(8), nullable=False),  # open | settled | voided | expired
+    # No foreign key: a hold is taken before the job row is written.
+    Column("job_id", String(40)),
+    Column("sandbox", Boolean, nullable=False, default=False),
+    # What settlement charged (at most amount_micros); null until settled.
+    Column("charged_micros", BigInteger),
+    Column("expires_at", DateTime(timezone=True), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("resolved_at", DateTime(timezone=True)),
+    CheckConstraint("amount_micros >= 0", name="ck_holds_amount_non_negative"),
+    Index("ix_holds_status_expires", "status", "expires_at"),
+    Index("ix_holds_account", "account_id"),
+)
+
+ledger_transactions = Table(
+    "ledger_transactions",
+    metadata,
+    Column("id", String(40), primary_key=True),
+    Column("kind", String(16), nullable=False),  # top_up | hold | settle | void | expire | payout
+    # Whose money moved: the developer (top-ups, holds) or the provider (payouts).
+    Column("account_id", String(40), ForeignKey("accounts.id"), nullable=False),
+    Column("job_id", String(40)),
+    Column("hold_id", String(40), ForeignKey("holds.id")),
+    Column("source", String(40)),  # where a top-up came from: welcome | admin | stripe ...
+    # The payment processor's event id: a replayed webhook must not credit twice.
+    Column("external_id", String(200)),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("memo", Text),
+    UniqueConstraint("source", "external_id", name="uq_ledger_transactions_external"),
+    Index("ix_ledger_transactions_account_created", "account_id", "created_at"),
+    Index("ix_ledger_transactions_hold", "hold_id"),
+)
+
+ledger_entries = Table(
+    "ledger_entries",
+    metadata,
+    # BIGINT on PostgreSQL; SQLite's autoincrement needs INTEGER (its 64-bit rowid).
+    Column(
+        "id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    ),
+    Column("transaction_id", String(40), ForeignKey("ledger_transactions.id"), nullable=False),
+    Column("book", String(120), nullable=False),
+    Column("amount_micros", BigInteger, nullable=False),  # signed: + into the book, - out
+    Index("ix_ledger_entries_transaction", "transaction_id"),
+    Index("ix_ledger_entries_book", "book", "id"),
+)
+
+balances = Table(
+    "balances",
+    metadata,
+    Column("book", String(120), primary_key=True),
+    Column("amount_micros", BigInteger, nullable=False, default=0),
+    # Only the outside world ("external:*") may go negative: it is where money comes from.
+    # The ledger's guarded UPDATEs refuse first; this is the last line of defence.
+    CheckConstraint(
+        "amount_micros >= 0 OR book LIKE 'external:%'", name="ck_balances_non_negative"
+    ),
 )
