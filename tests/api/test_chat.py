@@ -189,3 +189,10 @@ async def test_key_formats(live: LiveGateway, mode: str) -> None:
     assert len(created.secret) - len(f"sg_{mode}_") >= 32  # 192 random bits, url-safe
     async with live.client(created.secret) as client:
         assert (await client.get("/v1/models")).status_code == 200
+
+
+async def test_admin_refuses_credit_beyond_what_the_ledger_holds(live: LiveGateway) -> None:
+    async with live.client(ADMIN_TOKEN) as admin:
+        response = await admin.post("/admin/accounts", json={"name": "a", "credit_micros": 2**64})
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "credit_micros"

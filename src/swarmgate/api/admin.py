@@ -13,6 +13,7 @@ from swarmgate.accounts import service
 from swarmgate.api.deps import AdminDep, GatewayDep
 from swarmgate.api.models import describe_model
 from swarmgate.api.responses import json_response
+from swarmgate.billing.ledger import MAX_AMOUNT_MICROS
 from swarmgate.gateway import Gateway
 
 router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[AdminDep])
@@ -21,7 +22,7 @@ router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[AdminDep])
 class NewAccount(BaseModel):
     name: str = Field(min_length=1, max_length=200)
     email: str | None = Field(default=None, max_length=320)
-    credit_micros: int = Field(default=0, ge=0)
+    credit_micros: int = Field(default=0, ge=0, le=MAX_AMOUNT_MICROS)
     developer: bool = True
     provider: bool = False
 
