@@ -13,7 +13,7 @@ from swarmgate.accounts import service
 from swarmgate.api.deps import AdminDep, GatewayDep
 from swarmgate.api.models import describe_model
 from swarmgate.api.responses import json_response
-from swarmgate.billing.ledger import MAX_AMOUNT_MICROS
+from swarmgate.billing.pricing import MAX_AMOUNT_MICROS
 from swarmgate.gateway import Gateway
 
 router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[AdminDep])
