@@ -20,7 +20,7 @@ import pytest
 import uvicorn
 
 from swarmgate.accounts import service
-from swarmgate.api.app import create_app
+from swarmgate.api.app import create_asgi_app
 from swarmgate.config import GatewaySettings
 from swarmgate.gateway import Gateway
 from swarmgate.node.agent import NodeAgent
@@ -144,7 +144,7 @@ class LiveGateway:
 
 async def start_gateway(settings: GatewaySettings) -> LiveGateway:
     gateway = Gateway(settings)
-    app = create_app(settings, gateway)
+    app = create_asgi_app(settings, gateway)
     config = uvicorn.Config(
         app,
         host="127.0.0.1",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import os
 import secrets
 import signal
@@ -51,18 +52,29 @@ def uvicorn_config(app: Any, settings: GatewaySettings) -> Any:
         ws_per_message_deflate=False,
         access_log=False,
         log_config=None,
+        proxy_headers=settings.proxy_headers,
         timeout_graceful_shutdown=10,
     )
+
+
+def tune_gc_for_serving() -> None:
+    """Everything imported so far lives as long as the process: freeze it out of the cyclic
+    collector, and collect young objects less often (each request makes many short-lived
+    ones; measured in BENCHMARKS.md)."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(20_000, 20, 20)
 
 
 # -- serve -------------------------------------------------------------------------------
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from swarmgate.api.app import create_app
+    from swarmgate.api.app import create_asgi_app
 
     settings = gateway_settings(args)
-    server = uvicorn.Server(uvicorn_config(create_app(settings), settings))
+    server = uvicorn.Server(uvicorn_config(create_asgi_app(settings), settings))
+    tune_gc_for_serving()
     server.run()
     return 0
 

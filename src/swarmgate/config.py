@@ -24,6 +24,8 @@ class GatewaySettings(BaseSettings):
     database_url: str = ""
     admin_token: str = ""
     catalog_path: Path | None = None
+    # Trust X-Forwarded-* from a reverse proxy on loopback (off: nothing uses client IPs yet).
+    proxy_headers: bool = False
 
     # request limits
     max_body_bytes: int = 1_000_000

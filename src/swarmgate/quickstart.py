@@ -16,7 +16,7 @@ import orjson
 import uvicorn
 
 from swarmgate.accounts import service
-from swarmgate.api.app import create_app
+from swarmgate.api.app import create_asgi_app
 from swarmgate.config import GatewaySettings
 from swarmgate.gateway import Gateway
 from swarmgate.node.agent import NodeAgent
@@ -125,7 +125,7 @@ async def run_quickstart(*, data_dir: Path, host: str, port: int, backend: str, 
         )
         return 1
 
-    app = create_app(settings, Gateway(settings))
+    app = create_asgi_app(settings, Gateway(settings))
     server = _Server(uvicorn_config(app, settings))
     server_task = asyncio.create_task(server.serve())
     while not server.started:

@@ -196,3 +196,35 @@ async def test_admin_refuses_credit_beyond_what_the_ledger_holds(live: LiveGatew
         response = await admin.post("/admin/accounts", json={"name": "a", "credit_micros": 2**64})
     assert response.status_code == 400
     assert response.json()["error"]["param"] == "credit_micros"
+
+
+async def test_chat_jobs_are_recorded_with_their_attempts(live: LiveGateway) -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from sqlalchemy import select
+
+    from swarmgate.store.db import as_utc
+    from swarmgate.store.tables import job_attempts, jobs
+
+    await live.add_sim_device(length=4)
+    account_id, key = await live.developer_key()
+    reply = await live.sdk(key).chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "log me"}]
+    )
+    await live.gateway.job_log.flush()
+    async with live.gateway.engine.connect() as conn:
+        job = (await conn.execute(select(jobs).where(jobs.c.id == reply.id))).one()
+        attempts = (
+            await conn.execute(select(job_attempts).where(job_attempts.c.job_id == reply.id))
+        ).all()
+    assert job.account_id == account_id
+    assert job.kind == "chat"
+    assert job.status == "completed"
+    assert job.stream is False
+    assert job.completion_tokens == 4
+    assert job.request_json is None  # synchronous jobs keep no request text
+    assert job.output is None
+    assert abs(as_utc(job.created_at) - datetime.now(UTC)) < timedelta(minutes=1)
+    assert as_utc(job.finished_at) >= as_utc(job.created_at)
+    assert [(a.attempt, a.outcome) for a in attempts] == [(1, "succeeded")]
+    assert attempts[0].device_id == job.device_id

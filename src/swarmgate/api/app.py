@@ -44,12 +44,20 @@ def create_app(settings: GatewaySettings | None = None, gateway: Gateway | None 
     install_error_handlers(app)
     for module in (chat, inference, models, health, admin, nodes):
         app.include_router(module.router)
-    app.add_middleware(
-        HotPaths,
+    return app
+
+
+def create_asgi_app(
+    settings: GatewaySettings | None = None, gateway: Gateway | None = None
+) -> HotPaths:
+    """What the server runs: the full app behind the hot path for completions."""
+    settings = settings or GatewaySettings()
+    gateway = gateway or Gateway(settings)
+    return HotPaths(
+        create_app(settings, gateway),
         gateway=gateway,
         routes={
             "/v1/chat/completions": chat.chat_completions,
             "/v1/inference": inference.inference,
         },
     )
-    return app

@@ -40,11 +40,17 @@ def swarmgate_info(execution: Execution) -> dict[str, Any]:
     }
 
 
+# Most device answers arrive sooner than this; only slower jobs pay for a watcher task.
+DISCONNECT_WATCH_AFTER_S = 0.02
+
+
 async def complete_or_cancel(request: Request, execution: Execution) -> Completion:
     """Runs a non-streamed job; if the client goes away first, the job is cancelled."""
     main = asyncio.current_task()
     assert main is not None
+    loop = asyncio.get_running_loop()
     disconnected = False
+    watcher: asyncio.Task[None] | None = None
 
     async def watch() -> None:
         nonlocal disconnected
@@ -55,7 +61,11 @@ async def complete_or_cancel(request: Request, execution: Execution) -> Completi
                 main.cancel()
                 return
 
-    watcher = asyncio.create_task(watch())
+    def start_watching() -> None:
+        nonlocal watcher
+        watcher = loop.create_task(watch())
+
+    timer = loop.call_later(DISCONNECT_WATCH_AFTER_S, start_watching)
     try:
         return await execution.complete()
     except asyncio.CancelledError:
@@ -63,7 +73,9 @@ async def complete_or_cancel(request: Request, execution: Execution) -> Completi
             raise ClientGone from None
         raise
     finally:
-        watcher.cancel()
+        timer.cancel()
+        if watcher is not None:
+            watcher.cancel()
 
 
 class ClientGone(Exception):

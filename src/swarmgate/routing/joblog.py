@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import insert
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from swarmgate.routing.dispatch import Execution
 from swarmgate.store.tables import job_attempts, jobs
@@ -65,6 +65,27 @@ def job_row(execution: Execution, created_at: datetime) -> dict[str, Any]:
     }
 
 
+async def _insert_many_sqlite(
+    conn: AsyncConnection, table: str, rows: list[dict[str, Any]]
+) -> None:
+    """One DBAPI executemany over plain tuples: per-row bind processing was a tenth of the
+    gateway's CPU per request. Values are stored the way SQLAlchemy's SQLite types do."""
+    columns = list(rows[0])
+    sql = (
+        f"INSERT INTO {table} ({', '.join(columns)}) "  # noqa: S608 - fixed table and columns
+        f"VALUES ({', '.join('?' for _ in columns)})"
+    )
+    await conn.exec_driver_sql(sql, [tuple(_sqlite_value(row[c]) for c in columns) for row in rows])
+
+
+def _sqlite_value(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
+    if isinstance(value, bool):
+        return int(value)
+    return value
+
+
 def _status(execution: Execution) -> str:
     return {
         "succeeded": "completed",
@@ -110,10 +131,13 @@ class JobLog:
         batch_attempts, self._attempts = self._attempts, []
         try:
             async with self._engine.begin() as conn:
-                if batch_jobs:
-                    await conn.execute(insert(jobs), batch_jobs)
-                if batch_attempts:
-                    await conn.execute(insert(job_attempts), batch_attempts)
+                for table, rows in ((jobs, batch_jobs), (job_attempts, batch_attempts)):
+                    if not rows:
+                        continue
+                    if conn.dialect.name == "sqlite":
+                        await _insert_many_sqlite(conn, table.name, rows)
+                    else:
+                        await conn.execute(insert(table), rows)
         except Exception:
             # Put them back in front so the next flush retries them in order.
             self._jobs[:0] = batch_jobs
