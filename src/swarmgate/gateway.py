@@ -27,7 +27,7 @@ class Gateway:
         self.settings = settings
         self.engine = engine or create_engine(settings.database_url)
         self.catalog = Catalog.load(settings.catalog_path)
-        self.registry = DeviceRegistry()
+        self.registry = DeviceRegistry(warming_retry_after_s=settings.warming_retry_after_s)
         self.verifier = KeyVerifier(self.engine, ttl_s=settings.key_cache_ttl_s)
         self.policy = DispatchPolicy(
             max_retries=settings.max_retries,

@@ -3,7 +3,7 @@
 A node opens ``/v1/nodes/connect`` with ``Authorization: Bearer <device token>``
 and must send ``hello`` first; the gateway answers ``welcome``. After that:
 
-    node → gateway   heartbeat, delta, done, error
+    node → gateway   heartbeat, models, delta, done, error
     gateway → node   job, cancel
 
 Every frame is one JSON object with a ``type``. A frame that is not JSON, has an
@@ -58,6 +58,13 @@ class Hello(Frame):
     models: list[LoadedModel] = Field(default_factory=list, max_length=64)
 
 
+class WarmingModel(Frame):
+    """A model the device is fetching or loading; not servable yet."""
+
+    id: str = Field(min_length=1, max_length=200)
+    progress: float | None = Field(default=None, ge=0, le=1)
+
+
 class Heartbeat(Frame):
     type: Literal["heartbeat"]
     active_jobs: int = Field(ge=0)
@@ -66,6 +73,14 @@ class Heartbeat(Frame):
     cpu_percent: float | None = None
     temperature_c: float | None = None
     battery_percent: float | None = None
+    warming: list[WarmingModel] = Field(default_factory=list, max_length=64)
+
+
+class ModelsChanged(Frame):
+    """The full set of models the device serves now (e.g. after a download finished)."""
+
+    type: Literal["models"]
+    models: list[LoadedModel] = Field(max_length=64)
 
 
 class Delta(Frame):
@@ -96,10 +111,9 @@ class JobError(Frame):
     message: str = Field(max_length=2000)
 
 
-NodeFrame = Annotated[Hello | Heartbeat | Delta | Done | JobError, Field(discriminator="type")]
-node_frame_adapter: TypeAdapter[Hello | Heartbeat | Delta | Done | JobError] = TypeAdapter(
-    NodeFrame
-)
+NodeFrameType = Hello | Heartbeat | ModelsChanged | Delta | Done | JobError
+NodeFrame = Annotated[NodeFrameType, Field(discriminator="type")]
+node_frame_adapter: TypeAdapter[NodeFrameType] = TypeAdapter(NodeFrame)
 
 
 class Welcome(Frame):

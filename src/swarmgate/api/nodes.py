@@ -29,6 +29,8 @@ from swarmgate.protocol import (
     Heartbeat,
     Hello,
     JobError,
+    ModelsChanged,
+    NodeFrameType,
     Welcome,
     node_frame_adapter,
 )
@@ -53,7 +55,7 @@ def _frame_size(raw: str | bytes) -> int:
     return len(raw) if isinstance(raw, bytes) else len(raw.encode())
 
 
-def parse_frame(raw: str | bytes | None, limit: int) -> Hello | Heartbeat | Delta | Done | JobError:
+def parse_frame(raw: str | bytes | None, limit: int) -> NodeFrameType:
     if raw is None:
         raise ProtocolViolation(CLOSE_BAD_FRAME, "empty frame")
     if len(raw) > limit or _frame_size(raw) > limit:
@@ -193,11 +195,19 @@ async def _read(ws: WebSocket, device: DeviceConnection, gateway: Gateway, limit
             # else: a late frame for an attempt that already ended (e.g. after a cancel).
         elif isinstance(frame, Heartbeat):
             _apply_heartbeat(device, frame, gateway)
+        elif isinstance(frame, ModelsChanged):
+            accepted = frozenset(
+                m.id for m in frame.models if gateway.catalog.accepts_artifact(m.id, m.sha256)
+            )
+            gateway.registry.update_models(device, accepted)
         else:
             raise ProtocolViolation(CLOSE_OUT_OF_ORDER, "hello was already received")
 
 
 def _apply_heartbeat(device: DeviceConnection, beat: Heartbeat, gateway: Gateway) -> None:
+    warming = frozenset(m.id for m in beat.warming if gateway.catalog.get(m.id) is not None)
+    if warming != device.warming:
+        gateway.registry.set_warming(device, warming)
     if beat.paused and device.state in (ConnectionState.READY, ConnectionState.BUSY):
         device.pause_reason = beat.pause_reason or "paused by the device"
         device.transition(ConnectionState.PAUSED)

@@ -61,6 +61,8 @@ class DeviceConnection:
     cooldown_until: float = 0.0
     close_code: int = 1000
     close_reason: str = ""
+    # Models the device is downloading or loading; they make a request "warming", not lost.
+    warming: frozenset[str] = frozenset()
 
     def transition(self, target: ConnectionState) -> None:
         check_connection_transition(self.state, target)
@@ -146,11 +148,19 @@ def pick_device(
 
 
 class DeviceRegistry:
-    def __init__(self, max_waiters_per_model: int = 1024) -> None:
+    def __init__(
+        self,
+        max_waiters_per_model: int = 1024,
+        warming_retry_after_s: int = 300,
+        downloading_retry_after_s: int = 30,
+    ) -> None:
         self._by_id: dict[str, DeviceConnection] = {}
         self._by_model: dict[str, set[DeviceConnection]] = {}
+        self._warming: dict[str, set[str]] = {}
         self._waiters: dict[str, deque[asyncio.Future[None]]] = {}
         self._max_waiters = max_waiters_per_model
+        self._warming_retry_after_s = warming_retry_after_s
+        self._downloading_retry_after_s = downloading_retry_after_s
 
     # -- membership -------------------------------------------------------------------
     def add(self, device: DeviceConnection) -> DeviceConnection | None:
@@ -167,12 +177,43 @@ class DeviceRegistry:
     def remove(self, device: DeviceConnection) -> None:
         if self._by_id.get(device.device_id) is device:
             del self._by_id[device.device_id]
+            self.set_warming(device, frozenset())
         for model in device.models:
             members = self._by_model.get(model)
             if members is not None:
                 members.discard(device)
                 if not members:
                     del self._by_model[model]
+
+    def update_models(self, device: DeviceConnection, models: frozenset[str]) -> None:
+        """Re-indexes a connected device whose set of served models changed."""
+        if self._by_id.get(device.device_id) is not device:
+            return
+        for model in device.models - models:
+            members = self._by_model.get(model)
+            if members is not None:
+                members.discard(device)
+                if not members:
+                    del self._by_model[model]
+        added = models - device.models
+        device.models = models
+        for model in added:
+            self._by_model.setdefault(model, set()).add(device)
+        self._wake(added)
+
+    def set_warming(self, device: DeviceConnection, models: frozenset[str]) -> None:
+        for model in device.warming - models:
+            holders = self._warming.get(model)
+            if holders is not None:
+                holders.discard(device.device_id)
+                if not holders:
+                    del self._warming[model]
+        for model in models - device.warming:
+            self._warming.setdefault(model, set()).add(device.device_id)
+        device.warming = models
+
+    def warming_count(self, model: str) -> int:
+        return len(self._warming.get(model, ()))
 
     def get(self, device_id: str) -> DeviceConnection | None:
         return self._by_id.get(device_id)
@@ -204,9 +245,16 @@ class DeviceRegistry:
         if device is not None:
             return device
         if not self._by_model.get(model):
+            downloading = self.warming_count(model)
+            if downloading:
+                raise ModelWarming(
+                    f"Model {model!r} is being downloaded by {downloading} device(s) and is "
+                    "not servable yet. Retry shortly.",
+                    retry_after=self._downloading_retry_after_s,
+                )
             raise ModelWarming(
                 f"No device has model {model!r} loaded right now. Retry later.",
-                retry_after=30,
+                retry_after=self._warming_retry_after_s,
             )
         deadline = time.monotonic() + wait_s
         waiters = self._waiters.setdefault(model, deque())
