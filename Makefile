@@ -46,10 +46,12 @@ up: install
 ## make test: lint, then the whole test suite (PostgreSQL/Redis tests need those services)
 test: install
 	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/mypy
 	$(BIN)/python -m pytest
 
 lint: install
 	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/mypy
 	$(BIN)/ruff format --check src tests benchmarks
 
 format: install
@@ -62,7 +64,7 @@ bench: install
 constraints: install
 	{ echo "# Exact versions of everything the project installs (direct and transitive)."; \
 	  echo "# Regenerate with: make constraints"; \
-	  $(BIN)/pip freeze | grep -v -E '^(-e|swarmgate)'; } > requirements/constraints.txt
+	  $(BIN)/pip freeze | grep -v -E '^(-e|swarmgate|#)' | sed -E 's/^llama_cpp_python @ .*/llama_cpp_python==$(LLAMA_CPP_VERSION)/'; } > requirements/constraints.txt
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache

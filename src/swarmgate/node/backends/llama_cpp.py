@@ -235,7 +235,7 @@ class LlamaCppBackend:
         llama_cpp = _import_llama_cpp()
         try:
             with _LOAD_LOCK:
-                return llama_cpp.Llama(
+                llm: Llama = llama_cpp.Llama(
                     model_path=str(path),
                     n_ctx=self.n_ctx,
                     n_threads=self.n_threads,
@@ -246,6 +246,7 @@ class LlamaCppBackend:
                 f"model {model_id!r}: llama.cpp could not load {path.name}: {exc}",
                 code="MODEL_LOAD_FAILED",
             ) from exc
+        return llm
 
     # -- generation ------------------------------------------------------------
 
@@ -362,7 +363,8 @@ def _special_text(llm: Llama, token: int) -> str:
 def _prompt_tokens(
     llm: Llama, formatter: Jinja2ChatFormatter, messages: list[ChatMessage]
 ) -> list[int]:
-    rendered = formatter(messages=[{"role": m.role, "content": m.content} for m in messages])
+    chat: Any = [{"role": m.role, "content": m.content} for m in messages]
+    rendered = formatter(messages=chat)
     # The template writes BOS and the role markers itself, so no extra BOS and
     # special tokens are parsed as such.
     return llm.tokenize(rendered.prompt.encode("utf-8"), add_bos=False, special=True)
