@@ -30,6 +30,7 @@ def network(tmp_path: Path, backend: str, *node_args: str) -> Iterator[tuple[str
         "SWARMGATE_PORT": str(port),
         "SWARMGATE_ADMIN_TOKEN": ADMIN,
         "SWARMGATE_LOG_LEVEL": "DEBUG",
+        "SWARMGATE_NODE_CACHE_DIR": str(tmp_path / "models"),
         "PYTHONUNBUFFERED": "1",
     }
     admin = {k: env[k] for k in ("SWARMGATE_DATA_DIR", "SWARMGATE_ADMIN_TOKEN")}

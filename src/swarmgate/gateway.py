@@ -27,6 +27,15 @@ class Gateway:
         self.settings = settings
         self.engine = engine or create_engine(settings.database_url)
         self.catalog = Catalog.load(settings.catalog_path)
+        # Built once: what nodes need to fetch and verify each model's artifact.
+        self.node_catalog = [
+            {
+                "id": model.id,
+                "context_length": model.context_length,
+                "artifact": model.artifact.model_dump() if model.artifact else None,
+            }
+            for model in self.catalog
+        ]
         self.registry = DeviceRegistry(warming_retry_after_s=settings.warming_retry_after_s)
         self.verifier = KeyVerifier(self.engine, ttl_s=settings.key_cache_ttl_s)
         self.policy = DispatchPolicy(

@@ -228,3 +228,19 @@ async def test_chat_jobs_are_recorded_with_their_attempts(live: LiveGateway) -> 
     assert as_utc(job.finished_at) >= as_utc(job.created_at)
     assert [(a.attempt, a.outcome) for a in attempts] == [(1, "succeeded")]
     assert attempts[0].device_id == job.device_id
+
+
+async def test_nodes_fetch_artifact_locations_with_their_device_token(live: LiveGateway) -> None:
+    _, token = await live.device_token()
+    _, developer_key = await live.developer_key()
+    async with live.client(token) as device, live.client(developer_key) as developer:
+        catalog = await device.get("/v1/nodes/catalog")
+        refused = await developer.get("/v1/nodes/catalog")
+    assert catalog.status_code == 200
+    entries = {m["id"]: m for m in catalog.json()["data"]}
+    artifact = entries[MODEL]["artifact"]
+    assert artifact["sha256"] == "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+    assert artifact["size_bytes"] == 98362432
+    assert artifact["url"].startswith("https://")
+    assert refused.status_code == 401
+    assert refused.json()["error"]["code"] == "INVALID_DEVICE_TOKEN"

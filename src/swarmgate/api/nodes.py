@@ -7,13 +7,16 @@ import contextlib
 import logging
 import time
 
-from fastapi import APIRouter, WebSocket
+from fastapi import APIRouter, Request, WebSocket
+from starlette.responses import Response
 from pydantic import ValidationError
 from sqlalchemy import update
 from starlette.websockets import WebSocketDisconnect
 
 from swarmgate.accounts.keys import parse_bearer, utcnow, verify_device_token
-from swarmgate.errors import ProtocolViolation
+from swarmgate.api.deps import GatewayDep
+from swarmgate.api.responses import json_response
+from swarmgate.errors import AuthError, ProtocolViolation
 from swarmgate.gateway import Gateway
 from swarmgate.protocol import (
     CLOSE_BAD_FRAME,
@@ -76,6 +79,20 @@ async def _receive(ws: WebSocket) -> str | bytes | None:
     if message["type"] == "websocket.disconnect":
         raise WebSocketDisconnect(message.get("code", 1000))
     return message.get("text") if message.get("text") is not None else message.get("bytes")
+
+
+@router.get(
+    "/v1/nodes/catalog",
+    summary="Where each model's artifact lives (URL, sha256, size); for device tokens",
+    response_model=None,
+)
+async def node_catalog(request: Request, gateway: GatewayDep) -> Response:
+    principal = await verify_device_token(
+        gateway.engine, parse_bearer(request.headers.get("authorization"))
+    )
+    if principal is None:
+        raise AuthError("Missing or invalid device token.", code="INVALID_DEVICE_TOKEN")
+    return json_response({"object": "list", "data": gateway.node_catalog})
 
 
 @router.websocket("/v1/nodes/connect")
