@@ -105,7 +105,12 @@ def _backend_options(args: argparse.Namespace, settings: NodeSettings) -> dict[s
     if settings.backend == "sim":
         return _sim_options(args)
     if settings.backend == "llama-cpp":
-        return {"n_ctx": settings.n_ctx, "n_threads": settings.n_threads, "slots": settings.slots}
+        return {
+            "n_ctx": settings.n_ctx,
+            "n_threads": settings.n_threads,
+            "slots": settings.slots,
+            "cache_dir": str(settings.cache_dir.expanduser()),
+        }
     if settings.backend == "openai-http":
         return {"base_url": settings.openai_base_url, "api_key": settings.openai_api_key}
     return {}
@@ -121,26 +126,54 @@ def _stop_event() -> asyncio.Event:
 
 
 def cmd_node(args: argparse.Namespace) -> int:
+    # `swarmgate node <subcommand>`; with none, run the node.
+    if getattr(args, "node_command", None) == "models":
+        from swarmgate.node.models_cli import run_models
+
+        return run_models(args)
+
     from swarmgate.node.agent import FatalConnectionError, NodeAgent
     from swarmgate.node.backends.base import create_backend
+    from swarmgate.node.provider_cli import NODE_RUN_SETTINGS, ProviderCommandError, prepare_node
 
     overrides: dict[str, Any] = {}
-    for name in ("gateway_url", "token", "backend", "region", "slots"):
+    for name in ("gateway_url", "token", "backend", "region", "slots", "cache_dir"):
         value = getattr(args, name, None)
         if value is not None:
             overrides[name] = value
     if args.model:
         overrides["models"] = args.model
-    settings = NodeSettings(**overrides)
+    for name in NODE_RUN_SETTINGS:  # the device guard, and where the saved token is
+        if getattr(args, name, None) is not None:
+            overrides[name] = getattr(args, name)
+    try:
+        settings, guard = prepare_node(NodeSettings(**overrides))
+    except ProviderCommandError as exc:
+        print(f"swarmgate node: {exc}", file=sys.stderr)
+        return exc.exit_code
     if not settings.token:
         print(
-            "swarmgate node: a device token is needed (--token or SWARMGATE_NODE_TOKEN)",
+            "swarmgate node: a device token is needed "
+            "(--token, SWARMGATE_NODE_TOKEN or `swarmgate node register`)",
             file=sys.stderr,
         )
         return 2
 
     async def main() -> int:
-        backend = create_backend(settings.backend, **_backend_options(args, settings))
+        options = _backend_options(args, settings)
+        if settings.backend == "llama-cpp":
+            from swarmgate.errors import ModelStoreError
+            from swarmgate.node.models_cli import local_model_paths
+
+            # Bundled or downloaded GGUFs; missing catalog models are downloaded first.
+            try:
+                options["model_paths"] = await local_model_paths(
+                    settings.models, settings.cache_dir
+                )
+            except ModelStoreError as exc:
+                print(f"swarmgate node: {exc.message}", file=sys.stderr)
+                return 1
+        backend = create_backend(settings.backend, **options)
         agent = NodeAgent(
             gateway_url=settings.gateway_url,
             token=settings.token,
@@ -151,6 +184,7 @@ def cmd_node(args: argparse.Namespace) -> int:
             reconnect_min_s=settings.reconnect_min_s,
             reconnect_max_s=settings.reconnect_max_s,
             drain_timeout_s=settings.drain_timeout_s,
+            guard=guard,
         )
         try:
             await agent.run(_stop_event())
@@ -216,8 +250,17 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--model", action="append", help="catalog model id (repeatable)")
     node.add_argument("--slots", type=int)
     node.add_argument("--region")
+    node.add_argument("--cache-dir", type=Path, help="downloaded models (SWARMGATE_NODE_CACHE_DIR)")
+    from swarmgate.node.provider_cli import add_node_run_args, add_provider_commands
+
+    add_node_run_args(node)
     _add_sim_args(node)
     node.set_defaults(func=cmd_node)
+    node_commands = node.add_subparsers(dest="node_command", required=False, metavar="COMMAND")
+    from swarmgate.node.models_cli import add_models_parser
+
+    add_models_parser(node_commands)
+    add_provider_commands(node_commands)  # register, login, status
 
     up = sub.add_parser("up", help="gateway on SQLite plus one local device, in one command")
     _add_gateway_args(up)

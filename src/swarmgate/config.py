@@ -77,7 +77,19 @@ class NodeSettings(BaseSettings):
     reconnect_min_s: float = 0.5
     reconnect_max_s: float = 30.0
     drain_timeout_s: float = 30.0
+    # The device guard (node/guard.py): when the node stops taking new jobs by itself.
+    guard: bool = True
+    guard_interval_s: float = 15.0
+    min_battery_percent: float = 20.0
+    max_temperature_c: float | None = None  # None: 45 °C for a battery, 85 °C for a CPU
+    charging_only: bool = False
+    schedule: str = ""  # serving hours, e.g. "22:00-07:00,12:00-13:00"; empty: any time
+    timezone: str = ""  # zoneinfo name the schedule is in; empty: local time
+    # Where `swarmgate node register` saves the device token; None: ~/.swarmgate/node.json.
+    config_path: Path | None = None
     n_ctx: int = 2048
     n_threads: int | None = None
     openai_base_url: str = "http://127.0.0.1:11434/v1"
     openai_api_key: str = ""
+    # Downloaded GGUFs, one folder per model (SWARMGATE_NODE_CACHE_DIR).
+    cache_dir: Path = Field(default_factory=lambda: default_data_dir() / "models")

@@ -12,6 +12,7 @@
     ├── RoutingError              503                          (no device can take the request)
     │   ├── ModelWarming          503 model_warming            (catalog model, no device has it loaded)
     │   └── DevicesBusy           503 DEVICES_BUSY             (every capable device stayed busy)
+    ├── ModelStoreError           500 MODEL_STORE_ERROR        (a node could not fetch or verify a model)
     └── DeviceError                                            (a device failed a job)
         ├── DeviceFailed          502 DEVICE_FAILED            (one attempt; internal, drives failover)
         ├── DeviceTimeout         408 REQUEST_TIMEOUT          (one attempt timed out)
@@ -145,6 +146,14 @@ class AllAttemptsFailed(DeviceError):
 
 class StreamInterrupted(DeviceError):
     code = "STREAM_INTERRUPTED"
+
+
+class ModelStoreError(SwarmgateError):
+    """A node could not fetch or verify a model file; ``code`` says why: NO_ARTIFACT,
+    DOWNLOAD_FAILED, DISK_FULL, CHECKSUM_MISMATCH or INVALID_MODEL_ID."""
+
+    code = "MODEL_STORE_ERROR"
+    type = "model_store_error"
 
 
 class ProtocolViolation(Exception):

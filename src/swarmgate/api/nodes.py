@@ -8,9 +8,9 @@ import logging
 import time
 
 from fastapi import APIRouter, Request, WebSocket
-from starlette.responses import Response
 from pydantic import ValidationError
 from sqlalchemy import update
+from starlette.responses import Response
 from starlette.websockets import WebSocketDisconnect
 
 from swarmgate.accounts.keys import parse_bearer, utcnow, verify_device_token

@@ -16,6 +16,7 @@ import platform
 import random
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import orjson
 import psutil
@@ -43,6 +44,9 @@ from swarmgate.protocol import (
     Welcome,
     gateway_frame_adapter,
 )
+
+if TYPE_CHECKING:
+    from swarmgate.node.guard import DeviceGuard
 
 log = logging.getLogger("swarmgate.node")
 
@@ -96,6 +100,7 @@ class NodeAgent:
         reconnect_min_s: float = 0.5,
         reconnect_max_s: float = 30.0,
         drain_timeout_s: float = 30.0,
+        guard: DeviceGuard | None = None,
     ) -> None:
         self.gateway_url = gateway_url
         self.token = token
@@ -107,6 +112,8 @@ class NodeAgent:
         self.reconnect_min_s = reconnect_min_s
         self.reconnect_max_s = reconnect_max_s
         self.drain_timeout_s = drain_timeout_s
+        # Pauses the node while the device is low on battery, hot or outside its hours.
+        self.guard = guard
         self.stats = NodeStats()
         self.loaded: list[LoadedModel] = []
         self.connected = asyncio.Event()
@@ -121,6 +128,10 @@ class NodeAgent:
         self.loaded = await self.backend.load(self.model_ids)
         self.stats.models = [m.id for m in self.loaded]
         failures = 0
+        guarding: asyncio.Task[None] | None = None
+        if self.guard is not None:
+            await self.guard.check()  # so the first heartbeat already tells the truth
+            guarding = asyncio.create_task(self.guard.run(), name="device-guard")
         try:
             while not stop.is_set():
                 started = time.monotonic()
@@ -143,6 +154,9 @@ class NodeAgent:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), delay)
         finally:
+            if guarding is not None:
+                guarding.cancel()
+                await asyncio.gather(guarding, return_exceptions=True)
             await self.backend.close()
 
     async def _session(self, stop: asyncio.Event) -> None:
@@ -217,18 +231,40 @@ class NodeAgent:
         async with self._send_lock:
             await ws.send(orjson.dumps(payload).decode())
 
+    def _pause_reason(self) -> str | None:
+        """Why this node takes no new jobs now, or None; draining comes first."""
+        if self._draining:
+            return "draining"
+        if self.guard is not None and self.guard.paused:
+            return (self.guard.reason or "paused by the device guard")[:200]
+        return None
+
+    def _heartbeat(self) -> dict[str, object]:
+        reason = self._pause_reason()
+        beat: dict[str, object] = {
+            "type": "heartbeat",
+            "active_jobs": len(self._jobs),
+            "paused": reason is not None,
+            "pause_reason": reason,
+        }
+        if self.guard is not None:
+            readings = self.guard.readings
+            beat["cpu_percent"] = readings.cpu_percent
+            beat["temperature_c"] = readings.temperature_c
+            beat["battery_percent"] = readings.battery_percent
+        return beat
+
     async def _heartbeats(self, ws: ClientConnection, interval: float) -> None:
         while True:
-            await self._send(
-                ws,
-                {
-                    "type": "heartbeat",
-                    "active_jobs": len(self._jobs),
-                    "paused": self._draining,
-                    "pause_reason": "draining" if self._draining else None,
-                },
-            )
-            await asyncio.sleep(interval)
+            if self.guard is None:
+                await self._send(ws, self._heartbeat())
+                await asyncio.sleep(interval)
+                continue
+            # A pause or resume goes out at once, not at the next interval.
+            self.guard.changed.clear()
+            await self._send(ws, self._heartbeat())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.guard.changed.wait(), interval)
 
     async def _read(self, ws: ClientConnection) -> None:
         async for raw in ws:
@@ -246,15 +282,20 @@ class NodeAgent:
 
     # -- jobs ---------------------------------------------------------------------------
     def _start_job(self, ws: ClientConnection, frame: JobFrame) -> None:
-        if self._draining or len(self._jobs) >= self.slots:
-            reason = "node is draining" if self._draining else "no free slot"
+        paused = not self._draining and self.guard is not None and self.guard.paused
+        if self._draining or paused or len(self._jobs) >= self.slots:
+            code, reason = "NODE_BUSY", "no free slot"
+            if self._draining:
+                reason = "node is draining"
+            elif paused:
+                code, reason = "DEVICE_PAUSED", f"device paused: {self._pause_reason()}"
             asyncio.create_task(  # noqa: RUF006 - fire and forget; errors are logged by _send
                 self._send(
                     ws,
                     {
                         "type": "error",
                         "job_id": frame.job_id,
-                        "code": "NODE_BUSY",
+                        "code": code,
                         "message": reason,
                     },
                 )
