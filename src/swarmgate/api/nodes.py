@@ -228,6 +228,8 @@ def _apply_heartbeat(device: DeviceConnection, beat: Heartbeat, gateway: Gateway
     if beat.paused and device.state in (ConnectionState.READY, ConnectionState.BUSY):
         device.pause_reason = beat.pause_reason or "paused by the device"
         device.transition(ConnectionState.PAUSED)
+    elif beat.paused and device.state is ConnectionState.PAUSED:
+        device.pause_reason = beat.pause_reason or device.pause_reason  # e.g. a second rule
     elif not beat.paused and device.state is ConnectionState.PAUSED:
         device.pause_reason = None
         device.transition(ConnectionState.READY if device.free_slots > 0 else ConnectionState.BUSY)

@@ -22,6 +22,7 @@ import orjson
 from swarmgate.errors import (
     AllAttemptsFailed,
     DeviceGone,
+    DevicesBusy,
     DeviceTimeout,
     ModelWarming,
     StreamInterrupted,
@@ -32,6 +33,11 @@ from swarmgate.routing.registry import AttemptEvent, DeviceConnection, DeviceLos
 from swarmgate.routing.states import JobState, check_job_transition
 
 log = logging.getLogger("swarmgate.dispatch")
+
+
+# Error codes with which a healthy node declines a job (paused, draining, full): the job
+# goes elsewhere, but the device is not put in a failure cooldown for it.
+REFUSAL_CODES = frozenset({"DEVICE_PAUSED", "NODE_BUSY", "NODE_STOPPING"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,7 +66,7 @@ class JobSpec:
 class AttemptRecord:
     attempt: int
     device_id: str
-    outcome: str  # succeeded | failed | timeout | gone | cancelled | interrupted
+    outcome: str  # succeeded | failed | refused | timeout | gone | cancelled | interrupted
     error_code: str | None
     started_at: datetime
     first_token_ms: int | None
@@ -139,6 +145,12 @@ class Execution:
 
     def _final_error(self) -> SwarmgateError:
         tries = len(self.attempts)
+        if tries and all(a.outcome == "refused" for a in self.attempts):
+            return DevicesBusy(
+                f"Every device able to serve {self.spec.model!r} declined the job "
+                "(paused or shutting down). Retry shortly.",
+                retry_after=1,
+            )
         if tries and all(a.outcome == "timeout" for a in self.attempts):
             return DeviceTimeout(
                 f"The device did not answer in time ({tries} attempt(s)). You were not charged."
@@ -265,12 +277,14 @@ class Execution:
                     yield event
                     return
                 elif isinstance(event, JobError):
-                    raise _AttemptFailed("failed", event.code, event.message)
+                    outcome = "refused" if event.code in REFUSAL_CODES else "failed"
+                    raise _AttemptFailed(outcome, event.code, event.message)
                 elif isinstance(event, DeviceLost):
                     raise _AttemptFailed("gone", "DEVICE_GONE", event.reason)
         except _AttemptFailed as failure:
             outcome, code = failure.outcome, failure.code
-            device.observe_failure(time.monotonic())
+            if outcome != "refused":  # a device that declines a job has not failed it
+                device.observe_failure(time.monotonic())
             log.info(
                 "attempt failed",
                 extra={
