@@ -161,24 +161,27 @@ def cmd_node(args: argparse.Namespace) -> int:
 
     async def main() -> int:
         options = _backend_options(args, settings)
+        models: list[str] = list(settings.models)
+        missing: list[str] = []
         if settings.backend == "llama-cpp":
             from swarmgate.errors import ModelStoreError
-            from swarmgate.node.models_cli import local_model_paths
+            from swarmgate.node.models_cli import split_local_and_missing
 
-            # Bundled or downloaded GGUFs; missing catalog models are downloaded first.
+            # Bundled or already downloaded GGUFs serve at once; the rest download while
+            # the node is connected, reported to the gateway as warming.
             try:
-                options["model_paths"] = await local_model_paths(
-                    settings.models, settings.cache_dir
-                )
+                ready, missing = await split_local_and_missing(settings.models, settings.cache_dir)
             except ModelStoreError as exc:
                 print(f"swarmgate node: {exc.message}", file=sys.stderr)
                 return 1
+            options["model_paths"] = ready
+            models = list(ready)
         backend = create_backend(settings.backend, **options)
         agent = NodeAgent(
             gateway_url=settings.gateway_url,
             token=settings.token,
             backend=backend,
-            models=settings.models,
+            models=models,
             slots=settings.slots,
             region=settings.region,
             reconnect_min_s=settings.reconnect_min_s,
@@ -186,11 +189,25 @@ def cmd_node(args: argparse.Namespace) -> int:
             drain_timeout_s=settings.drain_timeout_s,
             guard=guard,
         )
+        downloads = None
+        if missing:
+            from swarmgate.node.backends.llama_cpp import LlamaCppBackend
+            from swarmgate.node.models_cli import download_while_serving
+
+            assert isinstance(backend, LlamaCppBackend)  # only llama-cpp downloads models
+            downloads = asyncio.create_task(
+                download_while_serving(agent, backend.model_paths, missing, settings.cache_dir)
+            )
         try:
             await agent.run(_stop_event())
         except FatalConnectionError as exc:
             print(f"swarmgate node: {exc}", file=sys.stderr)
             return 1
+        finally:
+            if downloads is not None:
+                downloads.cancel()  # an unfinished download keeps its .part for next time
+                with contextlib.suppress(asyncio.CancelledError):
+                    await downloads
         return 0
 
     return asyncio.run(main())

@@ -120,6 +120,9 @@ class NodeAgent:
         self._jobs: dict[str, asyncio.Task[None]] = {}
         self._send_lock = asyncio.Lock()
         self._draining = False
+        self._ws: ClientConnection | None = None
+        # Models being downloaded or loaded → progress (0..1, or None when unknown).
+        self.warming: dict[str, float | None] = {}
         self._rng = random.Random()
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -142,6 +145,7 @@ class NodeAgent:
                 except (OSError, websockets.exceptions.WebSocketException, TimeoutError) as exc:
                     log.warning("gateway connection lost: %s", type(exc).__name__)
                 finally:
+                    self._ws = None
                     self.connected.clear()
                     self.stats.connected = False
                 if stop.is_set():
@@ -171,6 +175,7 @@ class NodeAgent:
             ping_timeout=20,
         ) as ws:
             welcome = await self._welcome(ws)
+            self._ws = ws
             self.stats.sessions += 1
             self.stats.connected = True
             self.stats.device_id = welcome.device_id
@@ -252,7 +257,29 @@ class NodeAgent:
             beat["cpu_percent"] = readings.cpu_percent
             beat["temperature_c"] = readings.temperature_c
             beat["battery_percent"] = readings.battery_percent
+        if self.warming:
+            beat["warming"] = [
+                {"id": model_id, "progress": progress}
+                for model_id, progress in self.warming.items()
+            ]
         return beat
+
+    async def add_models(self, model_ids: list[str]) -> None:
+        """Loads models that became available (e.g. a finished download) and tells the
+        gateway at once; later hellos announce them too."""
+        loaded = await self.backend.load(model_ids)
+        known = {m.id for m in self.loaded}
+        self.loaded = self.loaded + [m for m in loaded if m.id not in known]
+        self.stats.models = [m.id for m in self.loaded]
+        for model_id in model_ids:
+            self.warming.pop(model_id, None)
+        ws = self._ws
+        if ws is not None:
+            with contextlib.suppress(websockets.exceptions.ConnectionClosed):
+                await self._send(
+                    ws, {"type": "models", "models": [m.model_dump() for m in self.loaded]}
+                )
+                await self._send(ws, self._heartbeat())
 
     async def _heartbeats(self, ws: ClientConnection, interval: float) -> None:
         while True:

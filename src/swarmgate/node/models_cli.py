@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import sys
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import orjson
 
@@ -20,6 +21,11 @@ from swarmgate.config import NodeSettings
 from swarmgate.errors import ModelStoreError
 from swarmgate.node.progress import DownloadProgress, format_bytes
 from swarmgate.node.store import ModelStore, StoredModel, filename_from_url
+
+if TYPE_CHECKING:
+    from swarmgate.node.agent import NodeAgent
+
+log = logging.getLogger("swarmgate.node")
 
 # Resumes after a dropped connection before a pull gives up.
 PULL_ATTEMPTS = 3
@@ -189,6 +195,63 @@ async def local_model_paths(
                 path = await pull_with_progress(store, model_id, stream=out)
             paths[model_id] = str(path)
     return paths
+
+
+async def split_local_and_missing(
+    model_ids: list[str], cache_dir: Path, *, catalog: Catalog | None = None
+) -> tuple[dict[str, str], list[str]]:
+    """Paths of the models already here, and the ids that must be downloaded first.
+
+    Raises ``ModelStoreError`` for a missing model the catalog gives no URL for, so a node
+    refuses to start rather than announce something it can never serve.
+    """
+    ready: dict[str, str] = {}
+    missing: list[str] = []
+    async with ModelStore(cache_dir, catalog=catalog) as store:
+        for model_id in model_ids:
+            path = await asyncio.to_thread(store.resolve, model_id)
+            if path is not None:
+                ready[model_id] = str(path)
+                continue
+            artifact = store.artifact_for(model_id)
+            if artifact is None or not artifact.url:
+                raise ModelStoreError(
+                    f"model {model_id!r} is not installed and the catalog has no download "
+                    f"URL for it; fetch it with `swarmgate node models pull {model_id} "
+                    "--url URL --sha256 HEX`",
+                    code="NO_ARTIFACT",
+                )
+            missing.append(model_id)
+    return ready, missing
+
+
+async def download_while_serving(
+    agent: NodeAgent,
+    backend_paths: dict[str, str],
+    model_ids: list[str],
+    cache_dir: Path,
+    *,
+    catalog: Catalog | None = None,
+) -> None:
+    """Downloads models while the node is already connected: the gateway sees them as
+    warming (with progress) and routes to them the moment they are loaded."""
+    for model_id in model_ids:
+        agent.warming[model_id] = 0.0
+    async with ModelStore(cache_dir, catalog=catalog) as store:
+        for model_id in model_ids:
+
+            def progress(done: int, total: int | None, model_id: str = model_id) -> None:
+                agent.warming[model_id] = (done / total) if total else None
+
+            try:
+                path = await store.pull(model_id, progress=progress, attempts=3)
+            except ModelStoreError as exc:
+                agent.warming.pop(model_id, None)
+                log.error("could not download %s: %s", model_id, exc.message)
+                continue
+            backend_paths[model_id] = str(path)
+            await agent.add_models([model_id])
+            log.info("%s is downloaded and serving", model_id)
 
 
 def _print_human(command: str, result: dict[str, Any]) -> None:
