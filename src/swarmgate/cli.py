@@ -10,7 +10,7 @@ import os
 import secrets
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +55,17 @@ def uvicorn_config(app: Any, settings: GatewaySettings) -> Any:
         proxy_headers=settings.proxy_headers,
         timeout_graceful_shutdown=10,
     )
+
+
+def run_fast(main: Coroutine[Any, Any, int]) -> int:
+    """asyncio.run on uvloop where it exists: long-running processes (node, simulate, up)
+    spend most of their time in the event loop."""
+    try:
+        import uvloop
+    except ImportError:  # Windows, or a platform without a wheel
+        return asyncio.run(main)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(main)
 
 
 def tune_gc_for_serving() -> None:
@@ -210,14 +221,14 @@ def cmd_node(args: argparse.Namespace) -> int:
                     await downloads
         return 0
 
-    return asyncio.run(main())
+    return run_fast(main())
 
 
 # -- simulate ----------------------------------------------------------------------------
 def cmd_simulate(args: argparse.Namespace) -> int:
     from swarmgate.simulate import run_simulation
 
-    return asyncio.run(
+    return run_fast(
         run_simulation(
             gateway=args.gateway,
             admin_token=args.admin_token or os.environ.get("SWARMGATE_ADMIN_TOKEN", ""),
@@ -236,7 +247,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     from swarmgate.quickstart import run_quickstart
 
     data_dir = (args.data_dir or default_data_dir()).expanduser()
-    return asyncio.run(
+    return run_fast(
         run_quickstart(
             data_dir=data_dir,
             host=args.host or "127.0.0.1",
