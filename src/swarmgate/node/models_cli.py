@@ -178,23 +178,13 @@ async def local_model_paths(
     Raises ``ModelStoreError`` when a model is missing and cannot be downloaded.
     """
     out = stream if stream is not None else sys.stderr
-    paths: dict[str, str] = {}
-    async with ModelStore(cache_dir, catalog=catalog) as store:
-        for model_id in model_ids:
-            path = await asyncio.to_thread(store.resolve, model_id)
-            if path is None:
-                artifact = store.artifact_for(model_id)
-                if artifact is None or not artifact.url:
-                    raise ModelStoreError(
-                        f"model {model_id!r} is not installed and the catalog has no download "
-                        f"URL for it; fetch it with `swarmgate node models pull {model_id} "
-                        "--url URL --sha256 HEX`",
-                        code="NO_ARTIFACT",
-                    )
+    ready, missing = await split_local_and_missing(model_ids, cache_dir, catalog=catalog)
+    if missing:
+        async with ModelStore(cache_dir, catalog=catalog) as store:
+            for model_id in missing:
                 print(f"swarmgate node: downloading {model_id} into {store.cache_dir}", file=out)
-                path = await pull_with_progress(store, model_id, stream=out)
-            paths[model_id] = str(path)
-    return paths
+                ready[model_id] = str(await pull_with_progress(store, model_id, stream=out))
+    return {model_id: ready[model_id] for model_id in model_ids}
 
 
 async def split_local_and_missing(
