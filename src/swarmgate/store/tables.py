@@ -77,7 +77,9 @@ jobs = Table(
     Column("key_id", String(40)),
     Column("kind", String(16), nullable=False),  # chat | inference | async
     Column("model", String(200), nullable=False),
-    Column("status", String(16), nullable=False),  # queued | running | completed | failed | cancelled
+    Column(
+        "status", String(16), nullable=False
+    ),  # queued | running | completed | failed | cancelled
     Column("stream", Boolean, nullable=False, default=False),
     Column("device_id", String(40)),
     Column("prompt_tokens", Integer),
@@ -102,7 +104,9 @@ job_attempts = Table(
     Column("job_id", String(40), ForeignKey("jobs.id", ondelete="CASCADE"), nullable=False),
     Column("attempt", Integer, nullable=False),
     Column("device_id", String(40), nullable=False),
-    Column("outcome", String(24), nullable=False),  # succeeded | failed | timeout | gone | cancelled
+    Column(
+        "outcome", String(24), nullable=False
+    ),  # succeeded | failed | timeout | gone | cancelled
     Column("error_code", String(64)),
     Column("started_at", DateTime(timezone=True), nullable=False),
     Column("first_token_ms", Integer),

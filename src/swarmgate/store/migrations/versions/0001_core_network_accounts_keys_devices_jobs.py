@@ -116,7 +116,6 @@ def upgrade() -> None:
         batch_op.create_index("ix_job_attempts_job", ["job_id"], unique=False)
 
 
-
 def downgrade() -> None:
     with op.batch_alter_table("job_attempts", schema=None) as batch_op:
         batch_op.drop_index("ix_job_attempts_job")
