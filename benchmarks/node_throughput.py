@@ -1,8 +1,12 @@
 """Node throughput: a llama-cpp node through the gateway against llama-cpp-python alone.
 
-    .venv/bin/python benchmarks/node_throughput.py                 # full run (~5 minutes)
+    .venv/bin/python benchmarks/node_throughput.py                 # full run (8-15 minutes)
     .venv/bin/python benchmarks/node_throughput.py --quick         # smoke run (2 rounds, 32 tokens)
-    .venv/bin/python benchmarks/node_throughput.py --tokens 128 --rounds 5
+    .venv/bin/python benchmarks/node_throughput.py --rounds 15 --no-slots   # a tighter A/B
+
+On a shared virtual machine single measurements move by +-15 % from one to the next (the
+host, not this box's other processes), so 5 rounds give a rough ratio; pool several runs
+or use more rounds to narrow it (benchmarks/node_throughput.md).
 
 The question: does a device node, reached through the gateway on loopback, deliver the
 tokens per second that llama-cpp-python gives on its own, on the same model, prompt and
@@ -1093,7 +1097,7 @@ def main(argv: list[str] | None = None) -> int:
         "--quiet",
         type=float,
         default=0.5,
-        help="before each measurement wait (up to 30 s) until other processes use less "
+        help="before each measurement wait (up to 10 s) until other processes use less "
         "than this share of a core; a negative value: never wait (default 0.5)",
     )
     parser.add_argument(
@@ -1101,7 +1105,7 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=2,
         help="A/B: measure again (at most this many times) when other processes took "
-        f"more than {NOISY_CORE_SHARE:.0%} of the llama core or {NOISY_BOX_SHARE:.0%} of a "
+        f"more than {NOISY_CORE_SHARE * 100:.0f}%% of the llama core or {NOISY_BOX_SHARE:.1f} of a "
         "core on the whole box (default 2)",
     )
     parser.add_argument("--keep", action="store_true", help="keep the temp data dir")
