@@ -19,6 +19,15 @@ def frame(**payload: object) -> str:
     return orjson.dumps(payload).decode()
 
 
+HELLO = frame(
+    type="hello",
+    protocol=PROTOCOL_VERSION,
+    node_version="t",
+    device={"os": "t", "cpu": "t", "ram_mb": 1},
+    models=[],
+)
+
+
 async def test_warming_then_announced_model_is_served(live: LiveGateway) -> None:
     _, token = await live.device_token()
     _, key = await live.developer_key()
@@ -28,15 +37,7 @@ async def test_warming_then_announced_model_is_served(live: LiveGateway) -> None
         ) as ws,
         live.client(key) as client,
     ):
-        await ws.send(
-            frame(
-                type="hello",
-                protocol=PROTOCOL_VERSION,
-                node_version="t",
-                device={"os": "t", "cpu": "t", "ram_mb": 1},
-                models=[],
-            )
-        )
+        await ws.send(HELLO)
         assert orjson.loads(await ws.recv())["type"] == "welcome"
 
         nobody = await client.post("/v1/chat/completions", json=CHAT)
@@ -86,15 +87,7 @@ async def test_announcing_a_wrong_artifact_is_not_routed(live: LiveGateway) -> N
         ) as ws,
         live.client(key) as client,
     ):
-        await ws.send(
-            frame(
-                type="hello",
-                protocol=PROTOCOL_VERSION,
-                node_version="t",
-                device={"os": "t", "cpu": "t", "ram_mb": 1},
-                models=[],
-            )
-        )
+        await ws.send(HELLO)
         await ws.recv()
         await ws.send(frame(type="models", models=[{"id": MODEL, "sha256": "0" * 64}]))
         await asyncio.sleep(0.1)
@@ -108,15 +101,7 @@ async def test_disconnect_clears_warming(live: LiveGateway) -> None:
     async with connect(
         live.ws_url, additional_headers={"Authorization": f"Bearer {token}"}, compression=None
     ) as ws:
-        await ws.send(
-            frame(
-                type="hello",
-                protocol=PROTOCOL_VERSION,
-                node_version="t",
-                device={"os": "t", "cpu": "t", "ram_mb": 1},
-                models=[],
-            )
-        )
+        await ws.send(HELLO)
         await ws.recv()
         await ws.send(frame(type="heartbeat", active_jobs=0, warming=[{"id": MODEL}]))
         await asyncio.sleep(0.1)
