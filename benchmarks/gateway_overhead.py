@@ -130,12 +130,14 @@ def start_stack(
     sim_length: int = 16,
     whatif: str | None = None,
     floor: bool = True,
+    extra_env: dict[str, str] | None = None,
 ) -> Stack:
     env = {
         **os.environ,
         "SWARMGATE_DATA_DIR": str(data_dir),
         "SWARMGATE_ADMIN_TOKEN": ADMIN_TOKEN,
         "SWARMGATE_LOG_LEVEL": "WARNING",
+        **(extra_env or {}),
     }
     dev = admin(env, "accounts", "create", "--name", "bench-dev", "--credits", "1000")
     key = admin(env, "keys", "create", "--account", dev["id"])["key"]

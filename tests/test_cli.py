@@ -69,6 +69,24 @@ def test_keys_commands_print_one_json_object(env: dict[str, str]) -> None:
     assert test_key["key"].startswith("sg_test_")
     assert test_key["id"] != live_key["id"]
 
+    listed = admin(env, "keys", "list", "--account", developer["id"])
+    assert {k["id"] for k in listed["data"]} == {live_key["id"], test_key["id"]}
+    assert all("key" not in k for k in listed["data"])  # secrets are shown once only
+
+    rotated = admin(env, "keys", "rotate", live_key["id"], "--account", developer["id"])
+    assert rotated["key"].startswith("sg_live_") and rotated["key"] != live_key["key"]
+    assert rotated["name"] == "ci"
+    assert rotated["replaced"]["status"] == "revoked"
+
+    revoked = admin(env, "keys", "revoke", test_key["id"], "--account", developer["id"])
+    assert revoked["status"] == "revoked"
+    other = admin(env, "accounts", "create", "--name", "other")
+    refused = run_cli(
+        "admin", "--json", "keys", "revoke", rotated["id"], "--account", other["id"], env=env
+    )
+    assert refused.returncode == 1
+    assert orjson.loads(refused.stdout)["error"]["code"] == "NOT_FOUND"
+
 
 def test_devices_commands_print_one_json_object(env: dict[str, str]) -> None:
     provider = admin(env, "accounts", "create", "--name", "prov", "--provider")

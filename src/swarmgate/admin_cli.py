@@ -15,6 +15,7 @@ from typing import Any
 import orjson
 
 from swarmgate.accounts import service
+from swarmgate.billing.ledger import Ledger
 from swarmgate.catalog import Catalog
 from swarmgate.config import GatewaySettings
 from swarmgate.errors import SwarmgateError
@@ -58,6 +59,14 @@ def add_admin_parser(sub: Any) -> None:
     create.add_argument("--provider", action="store_true", help="the account owns devices")
     create.set_defaults(run=_accounts_create)
     accounts.add_parser("list").set_defaults(run=_accounts_list)
+    top_up = accounts.add_parser("top-up", help="add credit to an account")
+    top_up.add_argument("account", help="the account id")
+    top_up.add_argument("--usd", type=usd_to_micros, required=True, help="dollars, e.g. 5.00")
+    top_up.add_argument("--sandbox", action="store_true", help="play credit for sg_test_ keys")
+    top_up.add_argument("--memo", help="why the credit was granted (kept in the ledger)")
+    # Also accepted after the command; SUPPRESS keeps an earlier `admin --json`.
+    top_up.add_argument("--json", action="store_true", default=argparse.SUPPRESS)
+    top_up.set_defaults(run=_accounts_top_up)
 
     keys = groups.add_parser("keys").add_subparsers(dest="action", required=True)
     key_create = keys.add_parser("create", help="create an API key (shown once)")
@@ -65,6 +74,20 @@ def add_admin_parser(sub: Any) -> None:
     key_create.add_argument("--name", default="")
     key_create.add_argument("--test", action="store_true", help="a sandbox sg_test_ key")
     key_create.set_defaults(run=_keys_create)
+    key_list = keys.add_parser("list", help="an account's keys (never their secrets)")
+    key_list.add_argument("--account", required=True)
+    key_list.set_defaults(run=_keys_list)
+    key_revoke = keys.add_parser("revoke", help="revoke a key at once")
+    key_revoke.add_argument("key_id")
+    key_revoke.add_argument("--account", required=True)
+    key_revoke.set_defaults(run=_keys_revoke)
+    key_rotate = keys.add_parser("rotate", help="a new secret with the same settings")
+    key_rotate.add_argument("key_id")
+    key_rotate.add_argument("--account", required=True)
+    key_rotate.add_argument(
+        "--grace-seconds", type=int, default=0, help="keep the old key working this long"
+    )
+    key_rotate.set_defaults(run=_keys_rotate)
 
     devices = groups.add_parser("devices").add_subparsers(dest="action", required=True)
     dev_create = devices.add_parser("create", help="register a device; prints its token once")
@@ -134,6 +157,40 @@ async def _accounts_list(engine: Any, _args: argparse.Namespace) -> dict[str, An
     return {"object": "list", "data": await service.list_accounts(engine)}
 
 
+async def _accounts_top_up(engine: Any, args: argparse.Namespace) -> dict[str, Any]:
+    # Straight into the ledger: a running gateway re-reads the balance before it
+    # refuses a request for want of credit, so it never acts on the stale amount.
+    ledger = Ledger(engine)
+    transaction_id = await ledger.top_up(
+        args.account, args.usd, "admin", sandbox=args.sandbox, memo=args.memo
+    )
+    balance = await ledger.balance(args.account, sandbox=args.sandbox)
+    return {
+        "object": "top_up",
+        "account_id": args.account,
+        "transaction_id": transaction_id,
+        "amount_micros": args.usd,
+        "sandbox": args.sandbox,
+        "available_micros": balance.available_micros,
+        "held_micros": balance.held_micros,
+    }
+
+
+async def _keys_list(engine: Any, args: argparse.Namespace) -> dict[str, Any]:
+    return {"object": "list", "data": await service.list_api_keys(engine, args.account)}
+
+
+async def _keys_revoke(engine: Any, args: argparse.Namespace) -> dict[str, Any]:
+    return await service.revoke_api_key(engine, args.account, args.key_id)
+
+
+async def _keys_rotate(engine: Any, args: argparse.Namespace) -> dict[str, Any]:
+    rotation = await service.rotate_api_key(
+        engine, args.account, args.key_id, grace_s=args.grace_seconds
+    )
+    return {**rotation.new_key, "key": rotation.created.secret, "replaced": rotation.old_key}
+
+
 async def _keys_create(engine: Any, args: argparse.Namespace) -> dict[str, Any]:
     created = await service.create_api_key(
         engine, account_id=args.account, name=args.name, mode="test" if args.test else "live"
@@ -148,7 +205,12 @@ async def _keys_create(engine: Any, args: argparse.Namespace) -> dict[str, Any]:
 
 
 async def _devices_create(engine: Any, args: argparse.Namespace) -> dict[str, Any]:
-    created = await service.create_device(engine, account_id=args.account, name=args.name)
+    created = await service.create_device(
+        engine,
+        account_id=args.account,
+        name=args.name,
+        welcome_bonus_micros=GatewaySettings().provider_welcome_bonus_micros,
+    )
     return {
         "id": created.id,
         "account_id": created.account_id,

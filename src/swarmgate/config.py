@@ -50,10 +50,50 @@ class GatewaySettings(BaseSettings):
     job_log_flush_ms: int = 50
     key_cache_ttl_s: float = 30.0
 
+    # accounts and sign-in
+    signup_enabled: bool = True
+    welcome_credit_micros: int = 5_000_000  # $5 of credit for every new account
+    session_ttl_s: float = 7 * 86_400
+    # JWT bearer auth (off unless a JWKS URL or file is set); `sub` maps to an account.
+    jwks_url: str = ""
+    jwks_file: Path | None = None
+    jwt_issuer: str = ""
+    jwt_audience: str = ""
+    jwks_refresh_s: float = 300.0
+
+    # money: integer micro-dollars everywhere
+    # Off only for a private gateway that charges nobody: requests then run without holds.
+    billing_enabled: bool = True
+    provider_share_bps: int = 8_500  # 85 % of each job to the device's provider
+    hold_ttl_s: float = 3_600.0  # ledger holds (queued async jobs) older than this expire
+    hold_sweep_interval_s: float = 60.0
+    settle_batch_max: int = 512  # charges committed together in one database transaction
+    idempotency_ttl_s: float = 86_400.0
+    low_balance_micros: int = 1_000_000  # the low_balance webhook fires below $1
+    # providers
+    payout_threshold_micros: int = 5_000_000  # a payout can be requested from $5 earned
+    provider_welcome_bonus_micros: int = 0
+    welcome_bonus_lock_days: int = 30  # the bonus is withdrawable after this many days
+
+    # Stripe top-ups (off unless the keys are set)
+    stripe_secret_key: str = ""
+    stripe_webhook_secret: str = ""
+    stripe_api_base: str = ""  # empty: Stripe's own API
+    checkout_success_url: str = "http://127.0.0.1:8080/billing/success"
+    checkout_cancel_url: str = "http://127.0.0.1:8080/billing/cancel"
+
+    # outgoing webhooks
+    webhook_timeout_s: float = 10.0
+    webhook_max_attempts: int = 8
+    webhook_backoff_s: float = 30.0  # doubled after each failed attempt
+    webhook_poll_s: float = 1.0
+
     @model_validator(mode="after")
     def _check(self) -> GatewaySettings:
         if not self.database_url:
             self.database_url = f"sqlite+aiosqlite:///{self.data_dir / 'swarmgate.db'}"
+        if not 0 <= self.provider_share_bps <= 10_000:
+            raise ValueError("SWARMGATE_PROVIDER_SHARE_BPS must be 0..10000")
         if self.environment != "development" and self.admin_token.lower() in PLACEHOLDER_SECRETS:
             raise ValueError(
                 "SWARMGATE_ADMIN_TOKEN must be set to a real secret outside development"

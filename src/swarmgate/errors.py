@@ -7,8 +7,16 @@
     ├── AuthError                 401 INVALID_API_KEY
     │   └── AdminAuthError        401 INVALID_ADMIN_TOKEN
     ├── NotFound                  404 NOT_FOUND                (job, resource of another account)
+    ├── Forbidden                 403 FORBIDDEN                (e.g. a model off the key's allow-list)
+    ├── Conflict                  409 CONFLICT                 (e.g. an idempotent request in flight)
+    ├── IdempotencyMismatch       422 IDEMPOTENCY_KEY_REUSED   (same key, different request)
+    ├── RateLimited               429 RATE_LIMIT_EXCEEDED      (the key's rpm/tpm bucket is empty)
     ├── BillingError              402 BILLING_ERROR            (the ledger refused a money movement)
-    │   └── InsufficientCredits   402 INSUFFICIENT_CREDITS     (available balance cannot cover a hold)
+    │   ├── InsufficientCredits   402 INSUFFICIENT_CREDITS     (available balance cannot cover a hold)
+    │   ├── SpendCapReached       402 DAILY_SPEND_CAP_EXCEEDED (the key's daily cap would be passed)
+    │   └── BillingUnavailable    503 BILLING_UNAVAILABLE      (a charge could not be written)
+    ├── PaymentsNotConfigured     503 PAYMENTS_NOT_CONFIGURED  (no Stripe keys on this gateway)
+    ├── PaymentProviderError      502 PAYMENT_PROVIDER_ERROR   (Stripe refused or was unreachable)
     ├── RoutingError              503                          (no device can take the request)
     │   ├── ModelWarming          503 model_warming            (catalog model, no device has it loaded)
     │   └── DevicesBusy           503 DEVICES_BUSY             (every capable device stayed busy)
@@ -93,6 +101,34 @@ class NotFound(SwarmgateError):
     type = "invalid_request_error"
 
 
+class Forbidden(SwarmgateError):
+    """Authenticated, but this key or account may not do this (e.g. a model off its list)."""
+
+    status_code = 403
+    code = "FORBIDDEN"
+    type = "permission_error"
+
+
+class Conflict(SwarmgateError):
+    """The request clashes with the state of the resource (e.g. an idempotent replay)."""
+
+    status_code = 409
+    code = "CONFLICT"
+    type = "invalid_request_error"
+
+
+class IdempotencyMismatch(SwarmgateError):
+    status_code = 422
+    code = "IDEMPOTENCY_KEY_REUSED"
+    type = "invalid_request_error"
+
+
+class RateLimited(SwarmgateError):
+    status_code = 429
+    code = "RATE_LIMIT_EXCEEDED"
+    type = "rate_limit_error"
+
+
 class BillingError(SwarmgateError):
     """The ledger refused to move money; ``code`` says why (e.g. HOLD_NOT_OPEN)."""
 
@@ -104,6 +140,37 @@ class BillingError(SwarmgateError):
 class InsufficientCredits(BillingError):
     code = "INSUFFICIENT_CREDITS"
     type = "insufficient_quota"
+
+
+class BillingUnavailable(BillingError):
+    """A completed job's charge could not be written; the answer is withheld, unpaid."""
+
+    status_code = 503
+    code = "BILLING_UNAVAILABLE"
+    type = "api_error"
+
+
+class SpendCapReached(BillingError):
+    """The key's daily spend cap would be passed; the account itself may still have credit."""
+
+    code = "DAILY_SPEND_CAP_EXCEEDED"
+    type = "insufficient_quota"
+
+
+class PaymentsNotConfigured(SwarmgateError):
+    """Stripe keys are not set on this gateway."""
+
+    status_code = 503
+    code = "PAYMENTS_NOT_CONFIGURED"
+    type = "service_unavailable"
+
+
+class PaymentProviderError(SwarmgateError):
+    """Stripe refused a request or could not be reached."""
+
+    status_code = 502
+    code = "PAYMENT_PROVIDER_ERROR"
+    type = "api_error"
 
 
 class RoutingError(SwarmgateError):

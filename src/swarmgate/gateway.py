@@ -9,15 +9,23 @@ import time
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from swarmgate.accounts.keys import KeyVerifier
+from swarmgate.accounts.jwt_auth import JwtVerifier
+from swarmgate.accounts.keys import LIVE_PREFIX, TEST_PREFIX, KeyVerifier, Principal, parse_bearer
+from swarmgate.accounts.limits import RateLimiter
+from swarmgate.accounts.signin import SESSION_PREFIX, SessionVerifier
+from swarmgate.billing.service import Billing
+from swarmgate.billing.settlement import PendingCharge
 from swarmgate.catalog import Catalog
 from swarmgate.config import GatewaySettings
+from swarmgate.errors import AuthError
 from swarmgate.protocol import CLOSE_HEARTBEAT_TIMEOUT
 from swarmgate.routing.background import BackgroundJobs
 from swarmgate.routing.dispatch import DispatchPolicy, Execution, JobSpec
 from swarmgate.routing.joblog import JobLog
 from swarmgate.routing.registry import DeviceRegistry
 from swarmgate.store.db import create_engine, migrate
+from swarmgate.store.idempotency import IdempotencyStore
+from swarmgate.webhooks.delivery import ChargeEvent, Webhooks
 
 log = logging.getLogger("swarmgate.gateway")
 
@@ -38,6 +46,10 @@ class Gateway:
         ]
         self.registry = DeviceRegistry(warming_retry_after_s=settings.warming_retry_after_s)
         self.verifier = KeyVerifier(self.engine, ttl_s=settings.key_cache_ttl_s)
+        self.sessions = SessionVerifier(self.engine, ttl_s=settings.key_cache_ttl_s)
+        self.jwt: JwtVerifier | None = None
+        if settings.jwks_url or settings.jwks_file is not None:
+            self.jwt = JwtVerifier(self.engine, settings)
         self.policy = DispatchPolicy(
             max_retries=settings.max_retries,
             retry_backoff_s=settings.retry_backoff_ms / 1000,
@@ -47,20 +59,69 @@ class Gateway:
             token_stall_timeout_s=settings.token_stall_timeout_s,
         )
         self.job_log = JobLog(self.engine, settings.job_log_flush_ms / 1000)
-        self.background = BackgroundJobs(self.engine, self.execution)
+        self.billing = Billing(
+            self.engine,
+            provider_share_bps=settings.provider_share_bps,
+            hold_ttl_s=settings.hold_ttl_s,
+            batch_max=settings.settle_batch_max,
+            enabled=settings.billing_enabled,
+        )
+        self.limiter = RateLimiter()
+        self.idempotency = IdempotencyStore(
+            self.engine,
+            ttl_s=settings.idempotency_ttl_s,
+            takeover_after_s=settings.request_timeout_s,
+        )
+        self.background = BackgroundJobs(
+            self.engine, self.execution, billing=self.billing, catalog=self.catalog
+        )
+        self.webhooks = Webhooks(self.engine, settings)
+        self.billing.listeners.append(self._charge_settled)
         self.ready = False
         self._tasks: list[asyncio.Task[None]] = []
+
+    async def authenticate(self, authorization: str | None) -> Principal:
+        """The caller behind an ``Authorization`` header: an API key, a session or a JWT."""
+        token = parse_bearer(authorization)
+        if token is None or token.startswith((LIVE_PREFIX, TEST_PREFIX)):
+            return await self.verifier.verify(token)
+        if token.startswith(SESSION_PREFIX):
+            return await self.sessions.verify(token)
+        if token.count(".") == 2:
+            if self.jwt is None:
+                raise AuthError("JWT bearer tokens are not accepted: this gateway has no JWKS.")
+            return await self.jwt.verify(token)
+        return await self.verifier.verify(token)
+
+    def _charge_settled(self, charge: PendingCharge, available_micros: int) -> None:
+        """Every committed charge, as an event for the account's webhooks (O(1), no IO)."""
+        self.webhooks.on_charge(
+            ChargeEvent(
+                account_id=charge.account_id,
+                key_id=charge.key_id,
+                job_id=charge.job_id,
+                model=charge.model,
+                prompt_tokens=charge.prompt_tokens,
+                completion_tokens=charge.completion_tokens,
+                cost_micros=charge.charged_micros,
+                available_micros=available_micros,
+                sandbox=charge.sandbox,
+            )
+        )
 
     def execution(self, spec: JobSpec) -> Execution:
         return Execution(spec=spec, registry=self.registry, policy=self.policy)
 
     async def start(self) -> None:
         await migrate(self.engine)
+        self.billing.start()
+        await self.webhooks.start()
         self.job_log.start()
         await self.background.start()
         self._tasks = [
             asyncio.create_task(self._watch_heartbeats(), name="heartbeat-watch"),
             asyncio.create_task(self._flush_key_use(), name="key-use-flush"),
+            asyncio.create_task(self._sweep_holds(), name="hold-sweeper"),
         ]
         self.ready = True
 
@@ -74,9 +135,13 @@ class Gateway:
         await self.background.stop()
         for device in self.registry.devices():
             device.close("gateway shutting down")
+        await self.billing.stop()  # every charge already queued is written
+        await self.webhooks.stop()  # after billing: its last charges raise events too
         await self.job_log.close()
         with contextlib.suppress(Exception):
             await self.verifier.flush_last_used()
+        if self.jwt is not None:
+            await self.jwt.aclose()
         await self.engine.dispose()
 
     async def _watch_heartbeats(self) -> None:
@@ -93,6 +158,15 @@ class Gateway:
                     device.close_code = CLOSE_HEARTBEAT_TIMEOUT
                     device.close("heartbeat timeout")
                     self.registry.remove(device)
+
+    async def _sweep_holds(self) -> None:
+        while True:
+            try:
+                await self.billing.sweep()
+                await self.idempotency.purge_expired()
+            except Exception:
+                log.exception("sweeping expired holds and idempotency keys failed")
+            await asyncio.sleep(self.settings.hold_sweep_interval_s)
 
     async def _flush_key_use(self) -> None:
         while True:

@@ -576,10 +576,38 @@ async def test_migration_runs_from_empty(tmp_path: Path) -> None:
                 .scalars()
                 .all()
             )
-        assert version == "0002"
-        assert {"holds", "ledger_transactions", "ledger_entries", "balances"} <= names
+        assert version == "0003"
+        assert {
+            "holds",
+            "ledger_transactions",
+            "ledger_entries",
+            "balances",
+            "charges",
+            "idempotency_keys",
+            "payouts",
+            "sessions",
+            "webhook_endpoints",
+        } <= names
     finally:
         await engine.dispose()
+
+
+async def test_the_migrations_build_exactly_the_declared_tables(tmp_path: Path) -> None:
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+
+    from swarmgate.store.tables import metadata
+
+    engine = create_engine(sqlite_url(tmp_path / "compare.db"))
+    try:
+        await migrate(engine)
+        async with engine.connect() as conn:
+            differences = await conn.run_sync(
+                lambda sync: compare_metadata(MigrationContext.configure(sync), metadata)
+            )
+    finally:
+        await engine.dispose()
+    assert differences == []
 
 
 async def test_migration_moves_initial_credit_into_the_ledger(tmp_path: Path) -> None:

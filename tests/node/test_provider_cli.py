@@ -24,6 +24,7 @@ from swarmgate.node.registration import (
     load_registration,
     save_registration,
 )
+from tests.billing.test_earnings import record_job
 from tests.conftest import ADMIN_TOKEN, MODEL, LiveGateway, free_port, run_cli, swarmgate_cmd
 
 
@@ -236,6 +237,11 @@ async def test_status_from_registration_to_serving(
         home, "node", "register", "--gateway", live.base_url, "--admin-token", ADMIN_TOKEN,
         "--name", "old-phone",
     )  # fmt: skip
+    developer, _ = await live.developer_key()
+    await record_job(
+        live.gateway.engine, developer=developer, provider=registered["account_id"],
+        device_id=registered["device_id"], cost=1_000, when=datetime.now(UTC),
+    )  # fmt: skip
 
     offline = await cli_json(home, "node", "status", "--admin-token", ADMIN_TOKEN)
     assert offline["device_id"] == registered["device_id"]
@@ -243,10 +249,15 @@ async def test_status_from_registration_to_serving(
     assert offline["gateway"] == live.base_url
     assert offline["state"] == "offline"
     assert offline["models"] == []
-    # Not tracked yet, and not made up.
-    assert offline["earnings"] is None
+    # Earnings come from the gateway with the saved device token; trust is not made up.
+    earnings = offline["earnings"]
+    assert earnings["today"] == {
+        "jobs": 1, "tokens": 30, "earned_micros": 850, "earned_usd": "0.000850"
+    }  # fmt: skip
+    assert earnings["all_time"]["jobs"] == 1
+    assert earnings["account"]["withdrawable_micros"] == 850
     assert offline["trust_score"] is None
-    assert "earnings and trust score are not tracked by this gateway yet" in offline["notes"]
+    assert "trust score is not tracked by this gateway yet" in offline["notes"]
     local = offline["local"]
     assert set(local) >= {"battery_percent", "charging", "temperature_c", "cpu_percent", "guard"}
     assert local["guard"]["paused"] in (True, False)
@@ -274,7 +285,10 @@ async def test_status_from_registration_to_serving(
         assert "state        ready" in lines
         assert f"models       {MODEL}" in lines
         assert "jobs served  1 this connection (0 running)" in lines
-        assert "earnings     n/a (not tracked by this gateway yet)" in lines
+        earned = next(line for line in lines if line.startswith("earnings     "))
+        assert earned.startswith("earnings     $0.00")
+        assert " today, $" in earned and " in 30 days, $" in earned and " all time (" in earned
+        assert any(line.startswith("withdrawable $0.00") for line in lines)
         assert "trust score  n/a (not tracked by this gateway yet)" in lines
         assert any(line.startswith("this device  ") for line in lines)
         assert any(line.startswith("guard        would ") for line in lines)
@@ -328,12 +342,16 @@ async def test_status_without_what_it_needs(live: LiveGateway, home: dict[str, s
     wrong_human = await cli(home, "node", "status", "--admin-token", "wrong")
     assert wrong_human.returncode == 1
     assert "Missing or invalid admin token" in wrong_human.stderr
-    assert "earnings     n/a" in wrong_human.stdout
+    # The device's own token still reads its earnings.
+    assert "earnings     $0.000000 today, $0.000000 in 30 days" in wrong_human.stdout
+    assert local_only["earnings"]["all_time"]["jobs"] == 0
 
     unknown = await cli_json(
         home, "node", "status", "--admin-token", ADMIN_TOKEN, "--device", "dev_nope", code=1
     )
     assert any("has no device dev_nope" in note for note in unknown["notes"])
+    assert unknown["earnings"] is None
+    assert any("device's own token" in note for note in unknown["notes"])
 
 
 # -- the node command's own checks -----------------------------------------------------------

@@ -16,8 +16,9 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Literal
+from typing import Any, Literal
 
+import orjson
 from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -53,12 +54,36 @@ def utcnow() -> datetime:
 
 
 @dataclass(frozen=True, slots=True)
+class KeySettings:
+    """A key's limits and defaults; None means no limit (or every model)."""
+
+    rpm_limit: int | None = None
+    tpm_limit: int | None = None
+    daily_spend_cap_micros: int | None = None
+    allowed_models: frozenset[str] | None = None
+    auto_memory: bool = False
+    auto_orchestration: bool = False
+
+    def allows(self, model_id: str) -> bool:
+        return self.allowed_models is None or model_id in self.allowed_models
+
+
+NO_LIMITS = KeySettings()
+
+
+@dataclass(frozen=True, slots=True)
 class Principal:
-    """Who is calling: the account and the key it used."""
+    """Who is calling: the account, the key it used (None for a session or a JWT) and
+    that key's settings. ``mode`` "test" means sandbox money only."""
 
     account_id: str
-    key_id: str
+    key_id: str | None
     mode: KeyMode
+    settings: KeySettings = NO_LIMITS
+
+    @property
+    def sandbox(self) -> bool:
+        return self.mode == "test"
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +91,19 @@ class DevicePrincipal:
     device_id: str
     account_id: str
     name: str
+
+
+def key_settings(row: Any) -> KeySettings:
+    """A key's settings from its ``api_keys`` row."""
+    allowed = row.allowed_models
+    return KeySettings(
+        rpm_limit=row.rpm_limit,
+        tpm_limit=row.tpm_limit,
+        daily_spend_cap_micros=row.daily_spend_cap_micros,
+        allowed_models=None if allowed is None else frozenset(orjson.loads(allowed)),
+        auto_memory=bool(row.auto_memory),
+        auto_orchestration=bool(row.auto_orchestration),
+    )
 
 
 def parse_bearer(header: str | None) -> str | None:
@@ -86,6 +124,7 @@ class KeyVerifier:
         self._max = max_entries
         self._cache: OrderedDict[str, tuple[float, Principal | None]] = OrderedDict()
         self._used: dict[str, datetime] = {}
+        self._digests: dict[str, str] = {}  # key id → digest, to forget a key by id
 
     async def verify(self, secret: str | None) -> Principal:
         if not secret or not secret.startswith((LIVE_PREFIX, TEST_PREFIX)) or len(secret) > 128:
@@ -96,19 +135,22 @@ class KeyVerifier:
         if cached is not None and cached[0] > now:
             principal = cached[1]
         else:
-            principal = await self._load(digest)
-            # Unknown keys are cached too (briefly), so a flood of bad keys stays off the DB.
-            ttl = self._ttl if principal is not None else min(self._ttl, 5.0)
+            principal, valid_for_s = await self._load(digest)
+            # Unknown keys are cached too (briefly), so a flood of bad keys stays off the DB;
+            # a key that expires soon is cached only until it expires.
+            ttl = min(self._ttl, valid_for_s) if principal is not None else min(self._ttl, 5.0)
             self._cache[digest] = (now + ttl, principal)
             self._cache.move_to_end(digest)
             while len(self._cache) > self._max:
                 self._cache.popitem(last=False)
         if principal is None:
             raise AuthError("Missing or invalid API key. Pass 'Authorization: Bearer sg_live_…'.")
-        self._used[principal.key_id] = utcnow()
+        if principal.key_id is not None:
+            self._used[principal.key_id] = utcnow()
         return principal
 
-    async def _load(self, digest: str) -> Principal | None:
+    async def _load(self, digest: str) -> tuple[Principal | None, float]:
+        """The key's principal (None if unusable) and the seconds it stays valid."""
         query = select(
             api_keys.c.id,
             api_keys.c.account_id,
@@ -116,19 +158,38 @@ class KeyVerifier:
             api_keys.c.digest,
             api_keys.c.expires_at,
             api_keys.c.revoked_at,
+            api_keys.c.rpm_limit,
+            api_keys.c.tpm_limit,
+            api_keys.c.daily_spend_cap_micros,
+            api_keys.c.allowed_models,
+            api_keys.c.auto_memory,
+            api_keys.c.auto_orchestration,
         ).where(api_keys.c.digest == digest)
         async with self._engine.connect() as conn:
             row = (await conn.execute(query)).first()
         if row is None or not hmac.compare_digest(row.digest, digest):
-            return None
+            return None, 0.0
         if row.revoked_at is not None:
-            return None
-        if row.expires_at is not None and as_utc(row.expires_at) <= utcnow():
-            return None
-        return Principal(account_id=row.account_id, key_id=row.id, mode=row.mode)
+            return None, 0.0
+        valid_for_s = float("inf")
+        if row.expires_at is not None:
+            valid_for_s = (as_utc(row.expires_at) - utcnow()).total_seconds()
+            if valid_for_s <= 0:
+                return None, 0.0
+        self._digests[row.id] = digest
+        principal = Principal(
+            account_id=row.account_id, key_id=row.id, mode=row.mode, settings=key_settings(row)
+        )
+        return principal, valid_for_s
 
     def forget(self, digest: str) -> None:
         self._cache.pop(digest, None)
+
+    def forget_key(self, key_id: str) -> None:
+        """Drops a key from the cache at once (revoked, rotated or its settings changed)."""
+        digest = self._digests.pop(key_id, None)
+        if digest is not None:
+            self._cache.pop(digest, None)
 
     async def flush_last_used(self) -> None:
         """Write 'last used' times in one batch; called periodically, off the request path."""

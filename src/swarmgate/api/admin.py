@@ -81,7 +81,10 @@ async def create_key(account_id: str, body: NewKey, gateway: GatewayDep) -> Resp
 @router.post("/devices", status_code=201, response_model=None)
 async def create_device(body: NewDevice, gateway: GatewayDep) -> Response:
     created = await service.create_device(
-        gateway.engine, account_id=body.account_id, name=body.name
+        gateway.engine,
+        account_id=body.account_id,
+        name=body.name,
+        welcome_bonus_micros=gateway.settings.provider_welcome_bonus_micros,
     )
     return json_response(
         {

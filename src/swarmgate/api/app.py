@@ -8,9 +8,23 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from swarmgate import __version__
-from swarmgate.api import admin, chat, health, inference, models, nodes
+from swarmgate.api import (
+    admin,
+    auth,
+    billing,
+    chat,
+    health,
+    inference,
+    keys,
+    models,
+    nodes,
+    provider,
+    usage,
+    webhooks,
+)
 from swarmgate.api.errors import install_error_handlers
 from swarmgate.api.hotpath import HotPaths
+from swarmgate.api.idempotency import Idempotency
 from swarmgate.api.responses import JSONResponse
 from swarmgate.config import GatewaySettings
 from swarmgate.gateway import Gateway
@@ -42,18 +56,32 @@ def create_app(settings: GatewaySettings | None = None, gateway: Gateway | None 
     )
     app.state.gateway = gateway
     install_error_handlers(app)
-    for module in (chat, inference, models, health, admin, nodes):
+    for module in (
+        chat,
+        inference,
+        models,
+        health,
+        admin,
+        nodes,
+        provider,
+        auth,
+        keys,
+        billing,
+        webhooks,
+        usage,
+    ):
         app.include_router(module.router)
     return app
 
 
 def create_asgi_app(
     settings: GatewaySettings | None = None, gateway: Gateway | None = None
-) -> HotPaths:
-    """What the server runs: the full app behind the hot path for completions."""
+) -> Idempotency:
+    """What the server runs: the full app behind the hot path for completions, both
+    behind Idempotency-Key handling (a pass-through for requests without the header)."""
     settings = settings or GatewaySettings()
     gateway = gateway or Gateway(settings)
-    return HotPaths(
+    hot = HotPaths(
         create_app(settings, gateway),
         gateway=gateway,
         routes={
@@ -61,3 +89,4 @@ def create_asgi_app(
             "/v1/inference": inference.inference,
         },
     )
+    return Idempotency(hot, gateway, gateway.idempotency)

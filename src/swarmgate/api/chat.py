@@ -13,10 +13,13 @@ from swarmgate.api.responses import json_response
 from swarmgate.api.running import (
     DONE_FRAME,
     ClientGone,
+    admit,
     complete_or_cancel,
     new_job_id,
     now_utc,
     open_stream,
+    release,
+    settle,
     sse,
     stream_response,
     swarmgate_info,
@@ -44,7 +47,11 @@ def resolve_model(gateway: Gateway, model_id: str) -> CatalogModel:
 
 
 def chat_spec(
-    gateway: Gateway, body: ChatCompletionRequest, account_id: str, key_id: str, job_id: str
+    gateway: Gateway,
+    body: ChatCompletionRequest,
+    account_id: str,
+    key_id: str | None,
+    job_id: str,
 ) -> JobSpec:
     model = resolve_model(gateway, body.model)
     max_tokens = body.requested_max_tokens(DEFAULT_MAX_TOKENS)
@@ -98,6 +105,7 @@ async def chat_completions(request: Request, gateway: Gateway, principal: Princi
     body = parse_body(ChatCompletionRequest, raw)
     job_id = new_job_id("chatcmpl-")
     spec = chat_spec(gateway, body, principal.account_id, principal.key_id, job_id)
+    admitted = await admit(gateway, principal, spec, resolve_model(gateway, spec.model))
     execution = gateway.execution(spec)
     created_at = now_utc()
     created = int(created_at.timestamp())
@@ -105,13 +113,12 @@ async def chat_completions(request: Request, gateway: Gateway, principal: Princi
     if not body.stream:
         try:
             completion = await complete_or_cancel(request, execution)
+            await settle(gateway, admitted, execution)
         except ClientGone:
-            gateway.job_log.record(execution, created_at)
             return Response(status_code=499)
-        except Exception:
+        finally:
+            release(gateway, admitted)
             gateway.job_log.record(execution, created_at)
-            raise
-        gateway.job_log.record(execution, created_at)
         return json_response(
             {
                 "id": job_id,
@@ -138,12 +145,13 @@ async def chat_completions(request: Request, gateway: Gateway, principal: Princi
 
     try:
         first, events = await open_stream(execution)
-    except Exception:
+    except BaseException:
+        release(gateway, admitted)
         gateway.job_log.record(execution, created_at)
         raise
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     frames = _chunk_renderer(job_id, created, spec.model, execution, include_usage)
-    return stream_response(gateway, execution, first, events, created_at, frames)
+    return stream_response(gateway, execution, first, events, created_at, frames, admitted)
 
 
 def _chunk_renderer(

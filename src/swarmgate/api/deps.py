@@ -7,8 +7,8 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from swarmgate.accounts.keys import Principal, parse_bearer
-from swarmgate.errors import AdminAuthError, BodyTooLarge, RequestError
+from swarmgate.accounts.keys import DevicePrincipal, Principal, parse_bearer, verify_device_token
+from swarmgate.errors import AdminAuthError, AuthError, BodyTooLarge, RequestError
 from swarmgate.gateway import Gateway
 
 
@@ -23,10 +23,24 @@ GatewayDep = Annotated[Gateway, Depends(get_gateway)]
 
 async def current_principal(request: Request) -> Principal:
     gateway: Gateway = request.app.state.gateway
-    return await gateway.verifier.verify(parse_bearer(request.headers.get("authorization")))
+    return await gateway.authenticate(request.headers.get("authorization"))
 
 
 CurrentPrincipal = Annotated[Principal, Depends(current_principal)]
+
+
+async def current_device(request: Request) -> DevicePrincipal:
+    """The device behind a device token (``sg_dev_…``): node-facing endpoints."""
+    gateway: Gateway = request.app.state.gateway
+    device = await verify_device_token(
+        gateway.engine, parse_bearer(request.headers.get("authorization"))
+    )
+    if device is None:
+        raise AuthError("Missing or invalid device token.", code="INVALID_DEVICE_TOKEN")
+    return device
+
+
+CurrentDevice = Annotated[DevicePrincipal, Depends(current_device)]
 
 
 async def require_admin(request: Request) -> None:

@@ -16,7 +16,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from swarmgate.accounts.keys import Principal, parse_bearer
+from swarmgate.accounts.keys import Principal
 from swarmgate.api.errors import envelope, error_response
 from swarmgate.errors import SwarmgateError
 from swarmgate.gateway import Gateway
@@ -43,9 +43,7 @@ class HotPaths:
     async def _serve(self, handler: Handler, scope: Scope, receive: Receive, send: Send) -> None:
         request = Request(scope, receive)
         try:
-            principal = await self.gateway.verifier.verify(
-                parse_bearer(request.headers.get("authorization"))
-            )
+            principal = await self.gateway.authenticate(request.headers.get("authorization"))
             response = await handler(request, self.gateway, principal)
         except SwarmgateError as exc:
             response = error_response(exc)

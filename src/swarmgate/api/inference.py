@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 import orjson
 from fastapi import APIRouter, Request
 from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncConnection
 from starlette.responses import Response
 
 from swarmgate.accounts.keys import Principal
@@ -16,16 +18,19 @@ from swarmgate.api.responses import json_response
 from swarmgate.api.running import (
     DONE_FRAME,
     ClientGone,
+    admit,
     complete_or_cancel,
     new_job_id,
     now_utc,
     open_stream,
+    release,
+    settle,
     sse,
     stream_response,
     swarmgate_info,
 )
 from swarmgate.api.schemas import InferenceRequest, JobRequest, parse_body
-from swarmgate.errors import NotFound, RequestError
+from swarmgate.errors import Forbidden, NotFound, RequestError
 from swarmgate.gateway import Gateway
 from swarmgate.protocol import ChatMessage, Delta, Done, SamplingParams
 from swarmgate.routing.dispatch import JobSpec
@@ -88,6 +93,7 @@ async def inference(request: Request, gateway: Gateway, principal: Principal) ->
         ),
         stream=body.stream,
     )
+    admitted = await admit(gateway, principal, spec, resolve_model(gateway, model_id))
     execution = gateway.execution(spec)
     created_at = now_utc()
     created = int(created_at.timestamp())
@@ -99,9 +105,11 @@ async def inference(request: Request, gateway: Gateway, principal: Principal) ->
     if not body.stream:
         try:
             completion = await complete_or_cancel(request, execution)
+            await settle(gateway, admitted, execution)
         except ClientGone:
             return Response(status_code=499)
         finally:
+            release(gateway, admitted)
             gateway.job_log.record(execution, created_at)
         return json_response(
             {
@@ -123,7 +131,8 @@ async def inference(request: Request, gateway: Gateway, principal: Principal) ->
 
     try:
         first, events = await open_stream(execution)
-    except Exception:
+    except BaseException:
+        release(gateway, admitted)
         gateway.job_log.record(execution, created_at)
         raise
 
@@ -151,7 +160,7 @@ async def inference(request: Request, gateway: Gateway, principal: Principal) ->
             )
         ]
 
-    return stream_response(gateway, execution, first, events, created_at, frames)
+    return stream_response(gateway, execution, first, events, created_at, frames, admitted)
 
 
 @router.post(
@@ -190,7 +199,36 @@ async def create_job(
         stream=False,
     )
     stored = orjson.dumps({"messages": messages, "params": params.model_dump()})
-    created_at = await gateway.background.submit(spec, stored)
+    model = resolve_model(gateway, model_id)
+    if not principal.settings.allows(model.id):
+        raise Forbidden(
+            f"This API key may not use the model '{model.id}'.",
+            param="model",
+            code="MODEL_NOT_ALLOWED",
+        )
+    if gateway.billing.enabled:
+        created: list[datetime] = []
+
+        async def store_job(conn: AsyncConnection, hold_id: str) -> None:
+            created.append(await gateway.background.insert(conn, spec, stored, hold_id))
+
+        # Held in the ledger, not in memory: a queued job keeps its credit across
+        # restarts; the hold and the job's row are committed together.
+        await gateway.billing.hold(
+            principal,
+            model=model.id,
+            pricing=model.pricing,
+            amount_micros=gateway.billing.quote(
+                model.pricing, (m["content"] for m in messages), params.max_tokens
+            ),
+            job_id=spec.job_id,
+            in_ledger=True,
+            also=store_job,
+        )
+        created_at = created[0]
+        gateway.background.enqueue(spec.job_id)
+    else:
+        created_at = await gateway.background.submit(spec, stored)
     return json_response(
         {
             "id": spec.job_id,

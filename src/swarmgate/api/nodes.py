@@ -7,16 +7,16 @@ import contextlib
 import logging
 import time
 
-from fastapi import APIRouter, Request, WebSocket
+from fastapi import APIRouter, WebSocket
 from pydantic import ValidationError
 from sqlalchemy import update
 from starlette.responses import Response
 from starlette.websockets import WebSocketDisconnect
 
 from swarmgate.accounts.keys import parse_bearer, utcnow, verify_device_token
-from swarmgate.api.deps import GatewayDep
+from swarmgate.api.deps import CurrentDevice, GatewayDep
 from swarmgate.api.responses import json_response
-from swarmgate.errors import AuthError, ProtocolViolation
+from swarmgate.errors import ProtocolViolation
 from swarmgate.gateway import Gateway
 from swarmgate.protocol import (
     CLOSE_BAD_FRAME,
@@ -86,12 +86,7 @@ async def _receive(ws: WebSocket) -> str | bytes | None:
     summary="Where each model's artifact lives (URL, sha256, size); for device tokens",
     response_model=None,
 )
-async def node_catalog(request: Request, gateway: GatewayDep) -> Response:
-    principal = await verify_device_token(
-        gateway.engine, parse_bearer(request.headers.get("authorization"))
-    )
-    if principal is None:
-        raise AuthError("Missing or invalid device token.", code="INVALID_DEVICE_TOKEN")
+async def node_catalog(_device: CurrentDevice, gateway: GatewayDep) -> Response:
     return json_response({"object": "list", "data": gateway.node_catalog})
 
 

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import secrets
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -13,10 +14,15 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import StreamingResponse
 
-from swarmgate.errors import SwarmgateError
+from swarmgate.accounts.keys import Principal
+from swarmgate.accounts.limits import Admission
+from swarmgate.billing.pricing import max_cost_micros
+from swarmgate.billing.service import RequestHold, prompt_token_bound
+from swarmgate.catalog import CatalogModel
+from swarmgate.errors import Forbidden, SwarmgateError
 from swarmgate.gateway import Gateway
 from swarmgate.protocol import Delta, Done
-from swarmgate.routing.dispatch import Completion, Execution
+from swarmgate.routing.dispatch import Completion, Execution, JobSpec
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 DONE_FRAME = b"data: [DONE]\n\n"
@@ -38,6 +44,75 @@ def swarmgate_info(execution: Execution) -> dict[str, Any]:
         "latency_ms": execution.latency_ms,
         "ttft_ms": execution.ttft_ms,
     }
+
+
+@dataclass(slots=True)
+class Admitted:
+    """A request let in: what it took from its key's rate limits and its credit hold."""
+
+    admission: Admission
+    hold: RequestHold | None
+
+
+async def admit(
+    gateway: Gateway, principal: Principal, spec: JobSpec, model: CatalogModel
+) -> Admitted:
+    """The checks before a job runs, cheapest first: model allowed, rate limits, credit.
+
+    Raises 403, 429 or 402 with nothing taken; otherwise the caller must end the
+    returned admission with ``settle`` (the job completed) or ``release`` (it did not).
+    """
+    if not principal.settings.allows(model.id):
+        raise Forbidden(
+            f"This API key may not use the model '{model.id}'.",
+            param="model",
+            code="MODEL_NOT_ALLOWED",
+        )
+    prompt_bound = prompt_token_bound(message.content for message in spec.messages)
+    max_tokens = spec.params.max_tokens
+    admission = gateway.limiter.admit(
+        principal.key_id, principal.settings, prompt_bound + max_tokens
+    )
+    if not gateway.billing.enabled:
+        return Admitted(admission, None)
+    try:
+        hold = await gateway.billing.hold(
+            principal,
+            model=model.id,
+            pricing=model.pricing,
+            amount_micros=max_cost_micros(model.pricing, prompt_bound, max_tokens),
+            job_id=spec.job_id,
+        )
+    except BaseException:
+        gateway.limiter.finish(admission, 0)
+        raise
+    return Admitted(admission, hold)
+
+
+async def settle(gateway: Gateway, admitted: Admitted, execution: Execution) -> None:
+    """Charges a completed job; the answer may leave only after this returns."""
+    completion = execution.completion
+    assert completion is not None, "settle() needs a completed job"
+    gateway.limiter.finish(
+        admitted.admission, completion.prompt_tokens + completion.completion_tokens
+    )
+    if admitted.hold is None:
+        return
+    device = execution.device
+    await gateway.billing.settle(
+        admitted.hold,
+        prompt_tokens=completion.prompt_tokens,
+        completion_tokens=completion.completion_tokens,
+        device_id=device.device_id if device else None,
+        provider_account_id=device.account_id if device else None,
+    )
+
+
+def release(gateway: Gateway, admitted: Admitted) -> None:
+    """Ends an admission without a charge (failed, timed out, cancelled); idempotent."""
+    gateway.limiter.finish(admitted.admission, 0)
+    if admitted.hold is not None:
+        gateway.billing.void(admitted.hold)
 
 
 # Most device answers arrive sooner than this; only slower jobs pay for a watcher task.
@@ -103,22 +178,31 @@ def stream_response(
     events: AsyncGenerator[Delta | Done, None],
     created_at: datetime,
     frames: Callable[[Delta | Done | None], list[bytes]],
+    admitted: Admitted,
 ) -> StreamingResponse:
-    """SSE body: ``frames(event)`` renders each event, ``frames(None)`` the closing frames."""
+    """SSE body: ``frames(event)`` renders each event, ``frames(None)`` the closing frames.
+
+    The job is charged when its last event arrives, before the closing frames (finish
+    reason, usage, ``[DONE]``) are sent; a stream that ends any other way is not charged.
+    """
 
     async def body() -> AsyncIterator[bytes]:
         try:
-            for frame in frames(first):
-                yield frame
-            if not isinstance(first, Done):
-                async for event in events:
-                    for frame in frames(event):
-                        yield frame
+            event: Delta | Done | None = first
+            while event is not None:
+                if isinstance(event, Done):
+                    await settle(gateway, admitted, execution)
+                for frame in frames(event):
+                    yield frame
+                if isinstance(event, Done):
+                    break
+                event = await anext(events, None)
             for frame in frames(None):
                 yield frame
         except SwarmgateError as exc:
             yield sse(exc.to_dict())
         finally:
+            release(gateway, admitted)
             with contextlib.suppress(Exception):
                 await events.aclose()
             gateway.job_log.record(execution, created_at)

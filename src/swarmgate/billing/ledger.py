@@ -13,7 +13,13 @@ Money lives in *books*, named pots keyed by a string:
 ``sandbox:holds:<acct>``   play credit reserved for running sandbox jobs
 ``sandbox:usage``          where settled sandbox charges go: nobody earns them
 ``external:sandbox``       where play credit comes from (goes negative)
+``payouts:pending:<acct>`` a provider's requested payouts, set aside until paid
+``external:bonuses``       where providers' welcome bonuses come from
 =========================  ======================================================
+
+Request charges are posted by ``billing/settlement.py`` (one transaction per account per
+group commit), payouts and bonuses by ``billing/payouts.py``; both use this module's
+postings and guards.
 
 Every ledger transaction is a set of signed entries (+ into a book, - out of it)
 that sums to zero, so money is only ever moved, never made or lost, and the sum
@@ -39,7 +45,7 @@ one order and cannot deadlock.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -196,7 +202,7 @@ def _invariant_broken(book: str, amount: int) -> Exception:
 
 
 # -- writing ----------------------------------------------------------------------------
-def _add_to_balance(dialect_name: str, book: str, amount: int) -> Any:
+def add_to_balance(dialect_name: str, book: str, amount: int) -> Any:
     """INSERT … ON CONFLICT DO UPDATE: credits a book, creating its row on first use."""
     make_insert = postgresql.insert if dialect_name == "postgresql" else sqlite.insert
     statement = make_insert(balances).values(book=book, amount_micros=amount)
@@ -219,7 +225,7 @@ async def _move_balances(
             if (await conn.execute(guarded)).rowcount != 1:
                 raise on_shortfall(book, -amount)
         else:
-            await conn.execute(_add_to_balance(conn.dialect.name, book, amount))
+            await conn.execute(add_to_balance(conn.dialect.name, book, amount))
 
 
 async def _post(
@@ -343,7 +349,7 @@ class Ledger:
         return as_utc(now or self._clock()).astimezone(UTC)
 
     @asynccontextmanager
-    async def _writing(self) -> AsyncIterator[AsyncConnection]:
+    async def writing(self) -> AsyncIterator[AsyncConnection]:
         async with self._engine.begin() as conn:
             if conn.dialect.name == "sqlite":
                 await conn.exec_driver_sql("BEGIN IMMEDIATE")
@@ -362,7 +368,7 @@ class Ledger:
         """Credits a developer from outside (a payment, an admin grant); returns the txn id."""
         require_micros(amount_micros)
         try:
-            async with self._writing() as conn:
+            async with self.writing() as conn:
                 return await post_top_up(
                     conn,
                     account_id=account_id,
@@ -391,8 +397,13 @@ class Ledger:
         job_id: str | None,
         ttl_s: float,
         sandbox: bool = False,
+        also: Callable[[AsyncConnection, str], Awaitable[None]] | None = None,
     ) -> str:
-        """Reserves credit for a job; raises InsufficientCredits (writing nothing) if short."""
+        """Reserves credit for a job; raises InsufficientCredits (writing nothing) if short.
+
+        ``also(conn, hold_id)`` runs in the same database transaction (the queued job's
+        own row), so the hold never exists without what it was taken for.
+        """
         require_micros(amount_micros, allow_zero=True)
         if ttl_s <= 0:
             raise ValueError("ttl_s must be positive")
@@ -405,7 +416,7 @@ class Ledger:
                 f"insufficient {kind}: this request may cost up to {amount_micros} micro-dollars"
             )
 
-        async with self._writing() as conn:
+        async with self.writing() as conn:
             await conn.execute(
                 insert(holds).values(
                     id=hold_id,
@@ -428,6 +439,8 @@ class Ledger:
                 job_id=job_id,
                 hold_id=hold_id,
             )
+            if also is not None:
+                await also(conn, hold_id)
         return hold_id
 
     async def _claim_hold(
@@ -468,7 +481,7 @@ class Ledger:
         if not 0 <= provider_share_bps <= BASIS_POINTS:
             raise ValueError(f"provider_share_bps must be 0..{BASIS_POINTS}")
         now = self._now()
-        async with self._writing() as conn:
+        async with self.writing() as conn:
             hold = await self._claim_hold(conn, hold_id, "settled", now)
             if hold is None:
                 status = await conn.scalar(select(holds.c.status).where(holds.c.id == hold_id))
@@ -508,7 +521,7 @@ class Ledger:
         )
 
     async def _release(self, hold_id: str, status: str, kind: str, now: datetime) -> bool:
-        async with self._writing() as conn:
+        async with self.writing() as conn:
             hold = await self._claim_hold(conn, hold_id, status, now)
             if hold is None:
                 return False
@@ -568,7 +581,7 @@ class Ledger:
                 code="INSUFFICIENT_EARNINGS",
             )
 
-        async with self._writing() as conn:
+        async with self.writing() as conn:
             return await _post(
                 conn,
                 kind="payout",

@@ -418,6 +418,10 @@ class NodeAgent:
             self.stats.jobs_failed += 1
             log.warning("dropping the gateway connection (simulated device death)")
             ws.transport.abort()
+        except websockets.exceptions.ConnectionClosed:
+            # The gateway went away mid-job; the reconnect loop takes it from here, and
+            # the gateway fails the job over (or voids it) on its side.
+            self.stats.jobs_failed += 1
 
     async def _cancel_all(self) -> None:
         tasks = list(self._jobs.values())

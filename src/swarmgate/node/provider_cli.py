@@ -2,7 +2,7 @@
 
 ``register`` and ``login`` get a device token through the gateway's admin API and save it
 (see ``registration.py``) so that a plain ``swarmgate node`` finds it. ``status`` shows what
-the gateway sees of this device, next to what the device guard reads here.
+the gateway sees of this device and what it earned, next to what the device guard reads here.
 
 Every command takes ``--json`` and then prints exactly one JSON object.
 """
@@ -265,10 +265,10 @@ def _status(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
         "active_jobs": None,
         "jobs_served": None,
         "last_seen_at": None,
-        # Not invented: the gateway does not track these yet.
         "earnings": None,
+        # Not invented: the gateway does not track it yet.
         "trust_score": None,
-        "notes": [f"earnings and trust score are {NOT_TRACKED}"],
+        "notes": [f"trust score is {NOT_TRACKED}"],
     }
     failure: str | None = None
     token = _admin_token(args)
@@ -287,6 +287,16 @@ def _status(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
         except ProviderCommandError as exc:
             failure = str(exc)
             report["notes"].append(failure)
+    device_token = saved.token if saved and saved.device_id == device_id else None
+    if gateway is not None and device_token is None:
+        report["notes"].append(
+            "earnings are shown with the device's own token: run `swarmgate node register` here"
+        )
+    elif gateway is not None and device_token is not None:
+        try:
+            report["earnings"] = _fetch_earnings(_urls(gateway)[0], device_token)
+        except ProviderCommandError as exc:
+            report["notes"].append(f"earnings: {exc}")
     readings, guard = asyncio.run(_read_local(settings))
     report["local"] = {
         "battery_percent": readings.battery_percent,
@@ -323,6 +333,28 @@ def _fill_from_gateway(report: dict[str, Any], api_url: str, token: str, device_
     report["jobs_served"] = connection.get("jobs_served")
 
 
+def _fetch_earnings(api_url: str, device_token: str) -> dict[str, Any]:
+    """The device's own earnings; the device token is enough, no admin token needed."""
+    with _admin_client(api_url, device_token) as client:
+        body = _admin_call(client, "GET", "/v1/nodes/earnings")
+    return {
+        "today": body["today"],
+        "last_30_days": body["last_30_days"],
+        "all_time": body["all_time"],
+        "account": body["account"],
+    }
+
+
+def _describe_earnings(earnings: dict[str, Any]) -> tuple[str, str]:
+    jobs = earnings["all_time"]["jobs"]
+    earned = (
+        f"${earnings['today']['earned_usd']} today, "
+        f"${earnings['last_30_days']['earned_usd']} in 30 days, "
+        f"${earnings['all_time']['earned_usd']} all time ({jobs} job{'' if jobs == 1 else 's'})"
+    )
+    return earned, f"${earnings['account']['withdrawable_usd']} (the whole account)"
+
+
 def _print_status(report: dict[str, Any], failure: str | None) -> None:
     def row(label: str, value: object) -> None:
         print(f"{label:<13}{value}")
@@ -342,7 +374,12 @@ def _print_status(report: dict[str, Any], failure: str | None) -> None:
         row("jobs served", f"{report['jobs_served']} this connection ({running} running)")
     else:
         row("jobs served", "unknown")
-    row("earnings", f"n/a ({NOT_TRACKED})")
+    if report["earnings"] is not None:
+        earned, withdrawable = _describe_earnings(report["earnings"])
+        row("earnings", earned)
+        row("withdrawable", withdrawable)
+    else:
+        row("earnings", "unknown")
     row("trust score", f"n/a ({NOT_TRACKED})")
     local = report["local"]
     row("this device", _describe_readings(local))

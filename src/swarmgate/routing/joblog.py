@@ -17,6 +17,7 @@ from sqlalchemy import insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from swarmgate.routing.dispatch import Execution
+from swarmgate.store.db import sqlite_value
 from swarmgate.store.tables import job_attempts, jobs
 
 log = logging.getLogger("swarmgate.joblog")
@@ -75,15 +76,7 @@ async def _insert_many_sqlite(
         f"INSERT INTO {table} ({', '.join(columns)}) "  # noqa: S608 - fixed table and columns
         f"VALUES ({', '.join('?' for _ in columns)})"
     )
-    await conn.exec_driver_sql(sql, [tuple(_sqlite_value(row[c]) for c in columns) for row in rows])
-
-
-def _sqlite_value(value: Any) -> Any:
-    if isinstance(value, datetime):
-        return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
-    if isinstance(value, bool):
-        return int(value)
-    return value
+    await conn.exec_driver_sql(sql, [tuple(sqlite_value(row[c]) for c in columns) for row in rows])
 
 
 def _status(execution: Execution) -> str:
@@ -104,6 +97,8 @@ class JobLog:
         self._attempts: list[dict[str, Any]] = []
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
+        # One flush at a time: a caller's flush() then also waits for one in flight.
+        self._flushing = asyncio.Lock()
 
     def record(self, execution: Execution, created_at: datetime) -> None:
         self._jobs.append(job_row(execution, created_at))
@@ -125,6 +120,10 @@ class JobLog:
                 log.exception("writing the job log failed; will retry")
 
     async def flush(self) -> None:
+        async with self._flushing:
+            await self._flush()
+
+    async def _flush(self) -> None:
         if not self._jobs and not self._attempts:
             return
         batch_jobs, self._jobs = self._jobs, []

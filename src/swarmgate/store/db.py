@@ -23,6 +23,22 @@ def iso(value: datetime | None) -> str | None:
     return as_utc(value).isoformat() if value is not None else None
 
 
+def sqlite_value(value: Any) -> Any:
+    """A Python value as SQLAlchemy's SQLite types store it, for raw DBAPI writes."""
+    if isinstance(value, datetime):
+        return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
+    if isinstance(value, bool):
+        return int(value)
+    return value
+
+
+def sqlite_path(engine: AsyncEngine) -> str | None:
+    """The database file of a SQLite engine (None for any other database)."""
+    if engine.dialect.name != "sqlite":
+        return None
+    return engine.url.database or ":memory:"
+
+
 def create_engine(database_url: str) -> AsyncEngine:
     if database_url.startswith("sqlite"):
         path = database_url.split("///", 1)[-1]

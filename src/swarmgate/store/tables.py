@@ -31,6 +31,31 @@ accounts = Table(
     # Prepaid credits granted at creation, in micro-dollars; the ledger takes over from here.
     Column("initial_credit_micros", BigInteger, nullable=False, default=0),
     Column("created_at", DateTime(timezone=True), nullable=False),
+    # argon2id hash for sign-in over the API; null for accounts made by an admin or via JWT.
+    Column("password_hash", String(200)),
+)
+
+# Dashboard sessions from sign-in: an opaque token, stored as its SHA-256 digest.
+sessions = Table(
+    "sessions",
+    metadata,
+    Column("id", String(40), primary_key=True),
+    Column("account_id", String(40), ForeignKey("accounts.id", ondelete="CASCADE"), nullable=False),
+    Column("digest", String(64), nullable=False, unique=True),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("expires_at", DateTime(timezone=True), nullable=False),
+    Column("revoked_at", DateTime(timezone=True)),
+    Index("ix_sessions_account", "account_id"),
+)
+
+# A JWT subject (per issuer) mapped to the account it signs in as.
+account_identities = Table(
+    "account_identities",
+    metadata,
+    Column("issuer", String(400), primary_key=True),
+    Column("subject", String(400), primary_key=True),
+    Column("account_id", String(40), ForeignKey("accounts.id", ondelete="CASCADE"), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
 )
 
 api_keys = Table(
@@ -46,6 +71,13 @@ api_keys = Table(
     Column("last_used_at", DateTime(timezone=True)),
     Column("expires_at", DateTime(timezone=True)),
     Column("revoked_at", DateTime(timezone=True)),
+    # Per-key settings; null means "no limit" / "every model".
+    Column("rpm_limit", Integer),
+    Column("tpm_limit", Integer),
+    Column("daily_spend_cap_micros", BigInteger),
+    Column("allowed_models", Text),  # JSON list of model ids
+    Column("auto_memory", Boolean, nullable=False, default=False),
+    Column("auto_orchestration", Boolean, nullable=False, default=False),
     Index("ix_api_keys_account", "account_id"),
 )
 
@@ -94,6 +126,8 @@ jobs = Table(
     Column("started_at", DateTime(timezone=True)),
     Column("finished_at", DateTime(timezone=True)),
     Column("latency_ms", Integer),
+    # Asynchronous jobs hold their credit in the ledger while queued (holds.id).
+    Column("hold_id", String(40)),
     Index("ix_jobs_account_created", "account_id", "created_at"),
 )
 
@@ -145,7 +179,9 @@ ledger_transactions = Table(
     "ledger_transactions",
     metadata,
     Column("id", String(40), primary_key=True),
-    Column("kind", String(16), nullable=False),  # top_up | hold | settle | void | expire | payout
+    # top_up | hold | settle | void | expire | payout | payout_request | payout_return |
+    # payout_paid | provider_bonus
+    Column("kind", String(16), nullable=False),
     # Whose money moved: the developer (top-ups, holds) or the provider (payouts).
     Column("account_id", String(40), ForeignKey("accounts.id"), nullable=False),
     Column("job_id", String(40)),
@@ -184,4 +220,106 @@ balances = Table(
     CheckConstraint(
         "amount_micros >= 0 OR book LIKE 'external:%'", name="ck_balances_non_negative"
     ),
+)
+
+
+# One row per settled job: the durable usage record behind /v1/usage and providers'
+# earnings, written in the same database transaction as the charge's ledger entries.
+charges = Table(
+    "charges",
+    metadata,
+    Column("id", String(40), primary_key=True),
+    Column("job_id", String(40), nullable=False, unique=True),  # a job is charged once
+    Column("account_id", String(40), ForeignKey("accounts.id"), nullable=False),
+    Column("key_id", String(40)),
+    Column("sandbox", Boolean, nullable=False, default=False),
+    Column("model", String(200), nullable=False),
+    Column("device_id", String(40)),
+    Column("provider_account_id", String(40)),
+    Column("prompt_tokens", Integer, nullable=False),
+    Column("completion_tokens", Integer, nullable=False),
+    Column("cost_micros", BigInteger, nullable=False),
+    Column("provider_micros", BigInteger, nullable=False),
+    Column("platform_micros", BigInteger, nullable=False),
+    Column("transaction_id", String(40), ForeignKey("ledger_transactions.id"), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Index("ix_charges_account_created", "account_id", "created_at"),
+    Index("ix_charges_key_created", "key_id", "created_at"),
+    Index("ix_charges_provider_created", "provider_account_id", "created_at"),
+)
+
+# Idempotency-Key: the first response to a (account, key) pair, replayed for 24 hours.
+idempotency_keys = Table(
+    "idempotency_keys",
+    metadata,
+    Column("account_id", String(40), primary_key=True),
+    Column("key", String(255), primary_key=True),
+    Column("request_hash", String(64), nullable=False),  # method, path and body digest
+    Column("status", String(12), nullable=False),  # in_progress | done
+    Column("response_status", Integer),
+    Column("response_headers", Text),  # JSON object
+    Column("response_body", Text),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("expires_at", DateTime(timezone=True), nullable=False),
+    Index("ix_idempotency_keys_expires", "expires_at"),
+)
+
+# Provider payouts: requested -> approved -> paid, or rejected / cancelled.
+payouts = Table(
+    "payouts",
+    metadata,
+    Column("id", String(40), primary_key=True),
+    Column("account_id", String(40), ForeignKey("accounts.id"), nullable=False),
+    Column("amount_micros", BigInteger, nullable=False),
+    Column("status", String(12), nullable=False),
+    Column("destination", String(400)),
+    Column("note", Text),
+    Column("transaction_id", String(40), ForeignKey("ledger_transactions.id")),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("decided_at", DateTime(timezone=True)),
+    Column("paid_at", DateTime(timezone=True)),
+    CheckConstraint("amount_micros > 0", name="ck_payouts_amount_positive"),
+    Index("ix_payouts_account_created", "account_id", "created_at"),
+    Index("ix_payouts_status", "status"),
+)
+
+# Outgoing webhooks: where an account wants events sent, and every delivery attempt.
+webhook_endpoints = Table(
+    "webhook_endpoints",
+    metadata,
+    Column("id", String(40), primary_key=True),
+    Column("account_id", String(40), ForeignKey("accounts.id", ondelete="CASCADE"), nullable=False),
+    Column("url", String(2000), nullable=False),
+    # The signing secret: it must be readable to sign, and is shown to its owner once.
+    Column("secret", String(100), nullable=False),
+    Column("events", Text, nullable=False),  # JSON list of event types
+    # usage.threshold fires once a calendar month when the account's spend passes this.
+    Column("usage_threshold_micros", BigInteger),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("disabled_at", DateTime(timezone=True)),
+    Index("ix_webhook_endpoints_account", "account_id"),
+)
+
+webhook_deliveries = Table(
+    "webhook_deliveries",
+    metadata,
+    Column("id", String(40), primary_key=True),
+    Column(
+        "endpoint_id",
+        String(40),
+        ForeignKey("webhook_endpoints.id", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    Column("event_id", String(40), nullable=False),
+    Column("event_type", String(64), nullable=False),
+    Column("payload", Text, nullable=False),
+    Column("status", String(12), nullable=False),  # pending | delivered | failed
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("next_attempt_at", DateTime(timezone=True)),
+    Column("last_status_code", Integer),
+    Column("last_error", Text),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("delivered_at", DateTime(timezone=True)),
+    UniqueConstraint("endpoint_id", "event_id", name="uq_webhook_deliveries_event"),
+    Index("ix_webhook_deliveries_due", "status", "next_attempt_at"),
 )

@@ -1,0 +1,512 @@
+"""``Billing``: holds, settlement and voids for the request path, and the gateway's
+one door to developers' balances.
+
+A request is priced before it runs: its hold is the most it can cost (an upper bound
+of its prompt tokens plus ``max_tokens`` at the model's prices). Without the credit, or
+past its key's daily spend cap, it is refused with 402 and nothing runs. When the job
+completes, the real usage is charged (at most the hold), the provider of the device
+that served it earns its share, and the charge is committed before the answer leaves
+the gateway. A failed, timed-out or cancelled job voids its hold: nothing is charged.
+
+Synchronous requests reserve their credit in memory (``billing/wallets.py``) and their
+charges are written in batches (``billing/settlement.py``). Queued asynchronous jobs,
+which outlive a request and a gateway restart, hold their credit in the ledger itself.
+
+Every change to a developer's balance made while the gateway runs goes through this
+class, so its in-memory view stays exact; anything else (the admin CLI) is picked up
+by re-reading the balance before a request would be refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from swarmgate.accounts.keys import Principal, new_id, utcnow
+from swarmgate.billing.ledger import Balance, Ledger, developer_book, holds_book
+from swarmgate.billing.pricing import job_cost_micros, max_cost_micros, split_earnings
+from swarmgate.billing.settlement import (
+    ChargeRefused,
+    PendingCharge,
+    SettlementWriter,
+    plan_batch,
+    post_plan,
+)
+from swarmgate.billing.wallets import KeySpend, Wallet
+from swarmgate.catalog import Pricing
+from swarmgate.errors import BillingUnavailable, InsufficientCredits, SpendCapReached
+from swarmgate.store.tables import charges, holds
+
+log = logging.getLogger("swarmgate.billing")
+
+# Chat templates add a few tokens around every message and before the answer.
+_TOKENS_PER_MESSAGE = 8
+_TOKENS_PER_PROMPT = 16
+
+
+def prompt_token_bound(texts: Iterable[str]) -> int:
+    """An upper bound on the prompt's tokens, known before any tokenizer has run.
+
+    The catalog's models use byte-level tokenizers, where every token covers at least
+    one byte of UTF-8 text, so the byte count bounds the token count; the chat
+    template's own tokens are added per message.
+    """
+    total = _TOKENS_PER_PROMPT
+    for text in texts:
+        total += len(text.encode()) + _TOKENS_PER_MESSAGE
+    return total
+
+
+@dataclass(slots=True)
+class RequestHold:
+    """The credit reserved for one request; resolved exactly once (settled or voided)."""
+
+    account_id: str
+    key_id: str | None
+    sandbox: bool
+    model: str
+    pricing: Pricing
+    amount_micros: int
+    job_id: str
+    wallet: Wallet
+    spend: KeySpend | None
+    created: float = field(default_factory=time.monotonic)
+    ledger_hold_id: str | None = None  # asynchronous jobs: the hold is in the ledger
+    resolved: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Charge:
+    charged_micros: int
+    provider_micros: int
+    platform_micros: int
+    transaction_id: str
+
+
+ChargeListener = Callable[[PendingCharge, int], None]
+
+
+class Billing:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        *,
+        provider_share_bps: int = 8_500,
+        hold_ttl_s: float = 3_600.0,
+        batch_max: int = 512,
+        enabled: bool = True,
+    ) -> None:
+        self._engine = engine
+        self.ledger = Ledger(engine)
+        self._share_bps = provider_share_bps
+        self._hold_ttl_s = hold_ttl_s
+        self.enabled = enabled
+        self.writer = SettlementWriter(engine, batch_max=batch_max)
+        self._wallets: dict[tuple[str, bool], Wallet] = {}
+        self._loading: dict[tuple[str, bool], asyncio.Future[Wallet]] = {}
+        self._spend: dict[str, KeySpend] = {}
+        self._open: dict[int, RequestHold] = {}  # id(hold) → hold, for the sweeper
+        # Called after each committed charge with the account's available credit.
+        self.listeners: list[ChargeListener] = []
+
+    # -- lifecycle ----------------------------------------------------------------------
+    def start(self) -> None:
+        self.writer.start()
+
+    async def stop(self) -> None:
+        await self.writer.stop()
+
+    # -- balances -------------------------------------------------------------------------
+    async def _read_book(self, book: str) -> int:
+        return (await self.ledger.book_balances([book]))[book]
+
+    async def _wallet(self, account_id: str, sandbox: bool) -> Wallet:
+        key = (account_id, sandbox)
+        wallet = self._wallets.get(key)
+        if wallet is not None:
+            return wallet
+        loading = self._loading.get(key)
+        if loading is None:
+            # One read per wallet however many requests arrive while it loads.
+            loading = asyncio.get_running_loop().create_future()
+            self._loading[key] = loading
+            try:
+                amount = await self._read_book(developer_book(account_id, sandbox=sandbox))
+            except BaseException as exc:
+                del self._loading[key]
+                loading.set_exception(exc)
+                loading.exception()  # retrieved: later waiters get it from their await
+                raise
+            wallet = Wallet(committed=amount)
+            self._wallets[key] = wallet
+            del self._loading[key]
+            loading.set_result(wallet)
+            return wallet
+        return await asyncio.shield(loading)
+
+    async def _resync(self, account_id: str, sandbox: bool, wallet: Wallet) -> None:
+        wallet.resync(await self._read_book(developer_book(account_id, sandbox=sandbox)))
+
+    async def balance(self, account_id: str, *, sandbox: bool = False) -> Balance:
+        """Available credit (less what running requests may still cost) and held credit."""
+        wallet = await self._wallet(account_id, sandbox)
+        held_in_ledger = await self._read_book(holds_book(account_id, sandbox=sandbox))
+        return Balance(max(0, wallet.available), held_in_ledger + wallet.reserved)
+
+    async def top_up(
+        self,
+        account_id: str,
+        amount_micros: int,
+        *,
+        source: str,
+        external_id: str | None = None,
+        sandbox: bool = False,
+        memo: str | None = None,
+    ) -> str:
+        """Credits a developer (payment, admin grant); idempotent with an ``external_id``."""
+        transaction_id = await self.ledger.top_up(
+            account_id, amount_micros, source, external_id, sandbox=sandbox, memo=memo
+        )
+        wallet = self._wallets.get((account_id, sandbox))
+        if wallet is not None:
+            await self._resync(account_id, sandbox, wallet)
+        return transaction_id
+
+    # -- the daily cap ------------------------------------------------------------------
+    async def _key_spend(self, key_id: str) -> KeySpend:
+        today = datetime.now(UTC).date()
+        spend = self._spend.get(key_id)
+        if spend is not None and spend.day == today:
+            return spend
+        start = datetime(today.year, today.month, today.day, tzinfo=UTC)
+        query = select(func.coalesce(func.sum(charges.c.cost_micros), 0)).where(
+            charges.c.key_id == key_id, charges.c.created_at >= start
+        )
+        async with self._engine.connect() as conn:
+            committed = int(await conn.scalar(query) or 0)
+        spend = self._spend.get(key_id)
+        if spend is None or spend.day != today:  # another request may have loaded it
+            spend = KeySpend(day=today, committed=committed)
+            self._spend[key_id] = spend
+        return spend
+
+    async def spent_today(self, key_id: str) -> int:
+        return (await self._key_spend(key_id)).total
+
+    # -- holds ----------------------------------------------------------------------------
+    def quote(self, pricing: Pricing, prompt_texts: Iterable[str], max_tokens: int) -> int:
+        """The hold for a request: the most it can cost."""
+        return max_cost_micros(pricing, prompt_token_bound(prompt_texts), max_tokens)
+
+    async def hold(
+        self,
+        principal: Principal,
+        *,
+        model: str,
+        pricing: Pricing,
+        amount_micros: int,
+        job_id: str,
+        in_ledger: bool = False,
+        also: Callable[[AsyncConnection, str], Awaitable[None]] | None = None,
+    ) -> RequestHold:
+        """Reserves ``amount_micros`` for a job, or raises 402 and reserves nothing.
+
+        ``in_ledger`` puts the hold in the database (a queued asynchronous job that
+        must keep its credit across a restart) instead of memory; ``also(conn, hold_id)``
+        then runs in the hold's database transaction.
+        """
+        sandbox = principal.sandbox
+        wallet = await self._wallet(principal.account_id, sandbox)
+        spend: KeySpend | None = None
+        cap = principal.settings.daily_spend_cap_micros
+        if principal.key_id is not None and cap is not None:
+            spend = await self._key_spend(principal.key_id)
+            if spend.would_pass(cap, amount_micros):
+                raise SpendCapReached(
+                    f"This key's daily spend cap of {cap} micro-dollars would be passed "
+                    f"(spent or running today: {spend.total}; this request may cost up to "
+                    f"{amount_micros}). The cap resets at 00:00 UTC."
+                )
+        if not wallet.can_reserve(amount_micros):
+            # The balance may have grown outside this process (an admin top-up).
+            await self._resync(principal.account_id, sandbox, wallet)
+            if not wallet.can_reserve(amount_micros):
+                kind = "sandbox credit" if sandbox else "credit"
+                raise InsufficientCredits(
+                    f"Insufficient {kind}: this request may cost up to {amount_micros} "
+                    f"micro-dollars and {max(0, wallet.available)} are available. "
+                    "Top up, or lower max_tokens."
+                )
+        # No await between the checks above and these lines: nothing can slip in between.
+        wallet.reserve(amount_micros)
+        if spend is not None:
+            spend.reserved += amount_micros
+        hold = RequestHold(
+            account_id=principal.account_id,
+            key_id=principal.key_id,
+            sandbox=sandbox,
+            model=model,
+            pricing=pricing,
+            amount_micros=amount_micros,
+            job_id=job_id,
+            wallet=wallet,
+            spend=spend,
+        )
+        if in_ledger:
+            try:
+                hold.ledger_hold_id = await self.ledger.hold(
+                    principal.account_id,
+                    amount_micros,
+                    job_id,
+                    self._hold_ttl_s,
+                    sandbox,
+                    also=also,
+                )
+            finally:
+                wallet.release(amount_micros)
+            # The credit now sits in the ledger's holds book, not in the developer book;
+            # the ledger expires it by itself.
+            wallet.committed -= amount_micros
+        else:
+            self._open[id(hold)] = hold
+        return hold
+
+    def void(self, hold: RequestHold) -> None:
+        """Releases an in-memory hold: the job failed, timed out or was cancelled."""
+        if hold.resolved:
+            return
+        hold.resolved = True
+        self._open.pop(id(hold), None)
+        if hold.ledger_hold_id is None:
+            hold.wallet.release(hold.amount_micros)
+        if hold.spend is not None:
+            hold.spend.reserved -= hold.amount_micros
+
+    async def void_in_ledger(self, hold: RequestHold) -> None:
+        """Voids a hold (in memory or in the ledger) and gives the credit back."""
+        ledger_hold = hold.ledger_hold_id
+        self.void(hold)
+        if ledger_hold is not None and await self.ledger.void(ledger_hold):
+            hold.wallet.committed += hold.amount_micros
+
+    async def settle(
+        self,
+        hold: RequestHold,
+        *,
+        prompt_tokens: int,
+        completion_tokens: int,
+        device_id: str | None,
+        provider_account_id: str | None,
+    ) -> Charge:
+        """Charges the job's real usage (at most the hold) and waits until it is written.
+
+        Raises BillingError (503, nothing charged) if the charge could not be written;
+        the caller must then not deliver the answer as a paid one.
+        """
+        pending = self._resolve(
+            hold,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            device_id=device_id,
+            provider_account_id=provider_account_id,
+        )
+        charged = pending.charged_micros
+        wallet, spend = hold.wallet, hold.spend
+        in_memory = hold.ledger_hold_id is None
+        if in_memory:
+            wallet.charge(hold.amount_micros, charged)
+        if spend is not None:
+            spend.reserved -= hold.amount_micros
+            spend.pending += charged
+
+        def written(future: asyncio.Future[None]) -> None:
+            # A callback, not code after the await: it runs even if the request that
+            # waits for the charge is cancelled (its client left) in the meantime.
+            ok = not future.cancelled() and future.exception() is None
+            if in_memory:
+                if ok:
+                    wallet.committed_charge(charged)
+                else:
+                    wallet.failed_charge(charged)
+            elif ok:
+                wallet.committed += hold.amount_micros - charged  # the unspent part came back
+            if spend is not None:
+                spend.pending -= charged
+                if ok:
+                    spend.committed += charged
+            if ok:
+                self._notify(pending, wallet.available)
+
+        done = self.writer.submit(pending)
+        done.add_done_callback(written)
+        try:
+            # Shielded: a client that leaves now does not stop its charge being written.
+            await asyncio.shield(done)
+        except ChargeRefused as exc:
+            raise BillingUnavailable(
+                "The answer could not be billed, so it is withheld; you were not charged. "
+                "Retry the request."
+            ) from exc
+        return Charge(
+            charged, pending.provider_micros, pending.platform_micros, pending.transaction_id
+        )
+
+    def _notify(self, charge: PendingCharge, available_micros: int) -> None:
+        for listener in self.listeners:
+            try:
+                listener(charge, available_micros)
+            except Exception:
+                log.exception("a charge listener failed")
+
+    def _resolve(
+        self,
+        hold: RequestHold,
+        *,
+        prompt_tokens: int,
+        completion_tokens: int,
+        device_id: str | None,
+        provider_account_id: str | None,
+    ) -> PendingCharge:
+        """Marks the hold resolved and prices its charge (at most the hold)."""
+        if hold.resolved:
+            raise RuntimeError(f"hold for {hold.job_id} is already resolved")
+        hold.resolved = True
+        self._open.pop(id(hold), None)
+        cost = job_cost_micros(hold.pricing, prompt_tokens, completion_tokens)
+        charged = min(cost, hold.amount_micros)
+        if hold.sandbox or provider_account_id is None:
+            provider, platform = 0, (0 if hold.sandbox else charged)
+        else:
+            provider, platform = split_earnings(charged, self._share_bps)
+        return PendingCharge(
+            charge_id=new_id("chg"),
+            transaction_id=new_id("txn"),
+            job_id=hold.job_id,
+            account_id=hold.account_id,
+            key_id=hold.key_id,
+            sandbox=hold.sandbox,
+            model=hold.model,
+            device_id=device_id,
+            provider_account_id=None if hold.sandbox else provider_account_id,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            charged_micros=charged,
+            provider_micros=provider,
+            platform_micros=platform,
+            created_at=utcnow(),
+            hold_id=hold.ledger_hold_id,
+            held_micros=hold.amount_micros,
+        )
+
+    # -- asynchronous jobs: holds in the ledger ---------------------------------------------
+    async def reopen(
+        self, hold_id: str, *, key_id: str | None, model: str, pricing: Pricing, job_id: str
+    ) -> RequestHold | None:
+        """A queued job's ledger hold, if it is still open (after a restart, say)."""
+        async with self._engine.connect() as conn:
+            row = (
+                await conn.execute(
+                    select(holds.c.account_id, holds.c.amount_micros, holds.c.sandbox).where(
+                        holds.c.id == hold_id, holds.c.status == "open"
+                    )
+                )
+            ).first()
+        if row is None:
+            return None
+        wallet = await self._wallet(row.account_id, bool(row.sandbox))
+        hold = RequestHold(
+            account_id=row.account_id,
+            key_id=key_id,
+            sandbox=bool(row.sandbox),
+            model=model,
+            pricing=pricing,
+            amount_micros=int(row.amount_micros),
+            job_id=job_id,
+            wallet=wallet,
+            spend=None,
+            ledger_hold_id=hold_id,
+        )
+        return hold
+
+    async def settle_with(
+        self,
+        hold: RequestHold,
+        write: Callable[[AsyncConnection], Awaitable[None]],
+        *,
+        prompt_tokens: int,
+        completion_tokens: int,
+        device_id: str | None,
+        provider_account_id: str | None,
+    ) -> Charge:
+        """Settles a ledger hold in one database transaction with ``write`` (the job's
+        result), so a crash leaves either both or neither."""
+        pending = self._resolve(
+            hold,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            device_id=device_id,
+            provider_account_id=provider_account_id,
+        )
+        try:
+            async with self.ledger.writing() as conn:
+                await post_plan(conn, plan_batch([pending]))
+                await write(conn)
+        except ChargeRefused as exc:
+            raise BillingUnavailable(
+                "The job's result could not be billed; you were not charged."
+            ) from exc
+        if hold.ledger_hold_id is None:
+            hold.wallet.committed -= pending.charged_micros
+        else:
+            hold.wallet.committed += hold.amount_micros - pending.charged_micros
+        self._notify(pending, hold.wallet.available)
+        return Charge(
+            pending.charged_micros,
+            pending.provider_micros,
+            pending.platform_micros,
+            pending.transaction_id,
+        )
+
+    # -- the sweeper ----------------------------------------------------------------------
+    async def sweep(self) -> int:
+        """Voids holds that outlived their TTL: in the ledger, and in memory (a leak)."""
+        expired = await self.ledger.expire_holds()
+        if expired:
+            # Released ledger holds went back to developer books; read them again.
+            for (account_id, sandbox), wallet in list(self._wallets.items()):
+                if wallet.pending == 0:
+                    await self._resync(account_id, sandbox, wallet)
+        cutoff = time.monotonic() - self._hold_ttl_s
+        for hold in [h for h in self._open.values() if h.created < cutoff]:
+            log.error("voiding a hold that outlived its TTL", extra={"job_id": hold.job_id})
+            self.void(hold)
+            expired += 1
+        return expired
+
+    def open_holds(self) -> int:
+        return len(self._open)
+
+
+def day_start(day: date) -> datetime:
+    return datetime(day.year, day.month, day.day, tzinfo=UTC)
+
+
+def month_bounds(now: datetime) -> tuple[datetime, datetime]:
+    """The calendar month (UTC) containing ``now``: [start, end)."""
+    start = datetime(now.year, now.month, 1, tzinfo=UTC)
+    following = (start + timedelta(days=32)).replace(day=1)
+    return start, following
+
+
+def as_usd(micros: int) -> str:
+    """Micro-dollars as a dollar string with six decimals, from integers only."""
+    sign = "-" if micros < 0 else ""
+    whole, fraction = divmod(abs(micros), 1_000_000)
+    return f"{sign}{whole}.{fraction:06d}"
