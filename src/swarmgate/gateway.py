@@ -114,7 +114,7 @@ class Gateway:
 
     async def start(self) -> None:
         await migrate(self.engine)
-        self.billing.start()
+        await self.billing.start()
         await self.webhooks.start()
         self.job_log.start()
         await self.background.start()

@@ -16,6 +16,7 @@ CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "once only"}], 
 
 
 async def charge_count(live: LiveGateway) -> int:
+    await live.gateway.billing.writer.posted()
     async with live.gateway.engine.connect() as conn:
         return int(await conn.scalar(select(func.count()).select_from(charges)) or 0)
 

@@ -27,7 +27,14 @@ from swarmgate.node.agent import NodeAgent
 from swarmgate.node.backends.sim import SimBackend, SimConfig
 from swarmgate.protocol import DeviceFacts
 from swarmgate.store.db import create_engine, migrate
-from swarmgate.store.tables import balances, charges, holds, jobs, ledger_entries
+from swarmgate.store.tables import (
+    balances,
+    charge_journal,
+    charges,
+    holds,
+    jobs,
+    ledger_entries,
+)
 from tests.billing.test_request_billing import priced_catalog
 from tests.conftest import MODEL, free_port, swarmgate_cmd, wait_http
 
@@ -144,10 +151,16 @@ async def test_kill_9_under_load_loses_no_settled_charge(tmp_path: Path) -> None
         await stop_devices(devices)
     assert answered_before_kill > 20, "the load never got going"
 
-    # The books right after the crash: every answer received is charged.
+    # Right after the crash every answer received is charged: posted to the ledger, or
+    # still in the charge journal (posted on restart).
     async with engine.connect() as conn:
-        charged = set((await conn.scalars(select(charges.c.job_id))).all())
-    assert {job for job in answered if not job.startswith("job_")} <= charged
+        posted = set((await conn.scalars(select(charges.c.job_id))).all())
+        journaled = {
+            orjson.loads(body)["job_id"]
+            for body in (await conn.scalars(select(charge_journal.c.body))).all()
+        }
+    answered_sync = {job for job in answered if not job.startswith("job_")}
+    assert answered_sync <= posted | journaled
 
     with gateway_process(tmp_path, port, catalog):
         devices = await start_devices(port, tokens)
@@ -167,6 +180,10 @@ async def test_kill_9_under_load_loses_no_settled_charge(tmp_path: Path) -> None
         await stop_devices(devices)
 
     async with engine.connect() as conn:
+        # The restart posted the journal: every answer is in the ledger now.
+        assert await conn.scalar(select(func.count()).select_from(charge_journal)) == 0
+        in_ledger = set((await conn.scalars(select(charges.c.job_id))).all())
+        assert answered_sync <= in_ledger
         assert await conn.scalar(select(func.sum(ledger_entries.c.amount_micros))) == 0
         assert await conn.scalar(select(func.sum(balances.c.amount_micros))) == 0
         open_holds = await conn.scalar(

@@ -54,11 +54,18 @@ async def developer(live: LiveGateway, credit: int, **key_settings: Any) -> tupl
     return account["id"], key.id, key.secret
 
 
+async def posted(live: LiveGateway) -> None:
+    """Charges are durable when an answer is sent and in the ledger a few ms later."""
+    await live.gateway.billing.writer.posted()
+
+
 async def books(live: LiveGateway, *names: str) -> dict[str, int]:
+    await posted(live)
     return await live.gateway.billing.ledger.book_balances(names)
 
 
 async def ledger_total(live: LiveGateway) -> int:
+    await posted(live)
     async with live.gateway.engine.connect() as conn:
         entries = await conn.scalar(
             select(func.coalesce(func.sum(ledger_entries.c.amount_micros), 0))
@@ -107,6 +114,7 @@ async def test_a_completed_request_is_charged_and_the_provider_earns_85_percent(
         provider_book(provider): earned,
         PLATFORM_REVENUE: platform,
     }
+    await posted(priced)
     async with priced.gateway.engine.connect() as conn:
         row = (await conn.execute(select(charges))).one()
     assert (row.job_id, row.cost_micros, row.provider_account_id) == (
@@ -131,6 +139,7 @@ async def test_not_enough_credit_is_402_and_nothing_runs(priced: LiveGateway) ->
     device = next(iter(priced.gateway.registry.devices()))
     assert device.jobs_served == 0 and not device.active
     assert (await books(priced, developer_book(account)))[developer_book(account)] == 100
+    await posted(priced)
     async with priced.gateway.engine.connect() as conn:
         assert await conn.scalar(select(func.count()).select_from(charges)) == 0
 
@@ -234,6 +243,7 @@ async def test_daily_spend_cap_is_402_with_its_own_code(priced: LiveGateway) -> 
                 assert response.json()["error"]["code"] == "DAILY_SPEND_CAP_EXCEEDED"
                 break
     assert codes[0] == 200 and codes[-1] == 402
+    await posted(priced)
     async with priced.gateway.engine.connect() as conn:
         spent = await conn.scalar(select(func.sum(charges.c.cost_micros)))
     assert spent is not None and spent <= 1_000
@@ -293,6 +303,7 @@ async def test_100_requests_racing_for_the_last_credits_never_overdraw(
     statuses = [r.status_code for r in responses]
     assert set(statuses) <= {200, 402, 503}, statuses
     assert statuses.count(402) > 0 and statuses.count(200) > 0
+    await posted(priced)
     async with priced.gateway.engine.connect() as conn:
         spent = int(await conn.scalar(select(func.coalesce(func.sum(charges.c.cost_micros), 0))))
         charged_jobs = set((await conn.scalars(select(charges.c.job_id))).all())

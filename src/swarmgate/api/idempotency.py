@@ -16,6 +16,7 @@ may be taken over by a retry.
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -97,28 +98,38 @@ class Idempotency:
         if stored is not None:
             await _send_stored(stored, send)
             return
-        captured = _Capture(send)
-        finished = False
-        try:
-            await self.app(scope, replay, captured)
-            finished = captured.complete
-        finally:
-            response = captured.response() if finished else None
+        account_id = principal.account_id
+
+        async def record(response: StoredResponse | None) -> None:
             try:
-                await self.store.finish(principal.account_id, key, response)
+                await self.store.finish(account_id, key, response)
             except Exception:
                 log.exception("recording an idempotent response failed")
 
+        captured = _Capture(send, record)
+        try:
+            await self.app(scope, replay, captured)
+        finally:
+            if not captured.recorded:  # failed or cut short: free the key for a retry
+                await record(None)
+
 
 class _Capture:
-    """Passes a response through while keeping a copy of it."""
+    """Passes a response through while keeping a copy of it.
 
-    def __init__(self, send: Send) -> None:
+    The last piece of the body is held back until the response is recorded, so a client
+    that retries the moment it has its answer gets the replay, not a 409.
+    """
+
+    def __init__(
+        self, send: Send, record: Callable[[StoredResponse | None], Awaitable[None]]
+    ) -> None:
         self._send = send
+        self._record = record
         self.status = 0
         self.headers: list[tuple[bytes, bytes]] = []
         self.chunks: list[bytes] = []
-        self.complete = False
+        self.recorded = False
 
     async def __call__(self, message: Message) -> None:
         if message["type"] == "http.response.start":
@@ -131,7 +142,8 @@ class _Capture:
         elif message["type"] == "http.response.body":
             self.chunks.append(bytes(message.get("body", b"")))
             if not message.get("more_body", False):
-                self.complete = True
+                self.recorded = True
+                await self._record(self.response())
         await self._send(message)
 
     def response(self) -> StoredResponse | None:

@@ -183,6 +183,7 @@ async def provider_earnings(
     gateway: GatewayDep,
     days: Annotated[int, Query(ge=1, le=MAX_REPORT_DAYS)] = 30,
 ) -> Response:
+    await gateway.billing.writer.posted()  # include the jobs of the last few ms
     report = await provider_report(
         gateway.engine,
         principal.account_id,
@@ -210,6 +211,7 @@ async def request_payout(
 ) -> Response:
     _live_only(principal)
     body = parse_body(PayoutRequestBody, await read_body(request, _MAX_BODY))
+    await gateway.billing.writer.posted()  # earnings of the last few ms are withdrawable
     payout = await _payouts(gateway).request(
         principal.account_id, body.micros(), destination=body.destination
     )
@@ -252,6 +254,7 @@ async def cancel_payout(
     response_model=None,
 )
 async def node_earnings(device: CurrentDevice, gateway: GatewayDep) -> Response:
+    await gateway.billing.writer.posted()
     report = await device_report(
         gateway.engine,
         device_id=device.device_id,

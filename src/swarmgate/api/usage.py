@@ -88,6 +88,7 @@ async def get_usage(
         )
         .order_by(charges.c.key_id)
     )
+    await gateway.billing.writer.posted()  # include the answers of the last few ms
     async with gateway.engine.connect() as conn:
         models = (await conn.execute(by_model_query)).all()
         keys = (await conn.execute(by_key_query)).all()

@@ -87,7 +87,6 @@ class Charge:
     charged_micros: int
     provider_micros: int
     platform_micros: int
-    transaction_id: str
 
 
 ChargeListener = Callable[[PendingCharge, int], None]
@@ -117,7 +116,10 @@ class Billing:
         self.listeners: list[ChargeListener] = []
 
     # -- lifecycle ----------------------------------------------------------------------
-    def start(self) -> None:
+    async def start(self) -> None:
+        """Posts charges a previous process left unposted, then starts the writer; before
+        any wallet is loaded, so every balance read afterwards includes them."""
+        await self.writer.recover()
         self.writer.start()
 
     async def stop(self) -> None:
@@ -138,7 +140,7 @@ class Billing:
             loading = asyncio.get_running_loop().create_future()
             self._loading[key] = loading
             try:
-                amount = await self._read_book(developer_book(account_id, sandbox=sandbox))
+                amount = await self._developer_balance(account_id, sandbox)
             except BaseException as exc:
                 del self._loading[key]
                 loading.set_exception(exc)
@@ -151,8 +153,14 @@ class Billing:
             return wallet
         return await asyncio.shield(loading)
 
+    async def _developer_balance(self, account_id: str, sandbox: bool) -> int:
+        """The developer book net of charges settled but not yet posted to the ledger."""
+        book = developer_book(account_id, sandbox=sandbox)
+        pending = await self.writer.developer_balance(book)
+        return pending if pending is not None else await self._read_book(book)
+
     async def _resync(self, account_id: str, sandbox: bool, wallet: Wallet) -> None:
-        wallet.resync(await self._read_book(developer_book(account_id, sandbox=sandbox)))
+        wallet.resync(await self._developer_balance(account_id, sandbox))
 
     async def balance(self, account_id: str, *, sandbox: bool = False) -> Balance:
         """Available credit (less what running requests may still cost) and held credit."""
@@ -354,9 +362,7 @@ class Billing:
                 "The answer could not be billed, so it is withheld; you were not charged. "
                 "Retry the request."
             ) from exc
-        return Charge(
-            charged, pending.provider_micros, pending.platform_micros, pending.transaction_id
-        )
+        return Charge(charged, pending.provider_micros, pending.platform_micros)
 
     def _notify(self, charge: PendingCharge, available_micros: int) -> None:
         for listener in self.listeners:
@@ -467,12 +473,7 @@ class Billing:
         else:
             hold.wallet.committed += hold.amount_micros - pending.charged_micros
         self._notify(pending, hold.wallet.available)
-        return Charge(
-            pending.charged_micros,
-            pending.provider_micros,
-            pending.platform_micros,
-            pending.transaction_id,
-        )
+        return Charge(pending.charged_micros, pending.provider_micros, pending.platform_micros)
 
     # -- the sweeper ----------------------------------------------------------------------
     async def sweep(self) -> int:

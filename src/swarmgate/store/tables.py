@@ -248,6 +248,18 @@ charges = Table(
     Index("ix_charges_provider_created", "provider_account_id", "created_at"),
 )
 
+# Charges settled but not yet posted to the ledger (SQLite group commit, see
+# billing/settlement.py): a charge is durable here first, then posted in bulk.
+charge_journal = Table(
+    "charge_journal",
+    metadata,
+    Column("seq", Integer, primary_key=True, autoincrement=True),
+    Column("body", Text, nullable=False),  # the charge as JSON
+    # Set when the ledger refused to post it (kept for an operator, never dropped).
+    Column("failed_at", DateTime(timezone=True)),
+    Column("error", Text),
+)
+
 # Idempotency-Key: the first response to a (account, key) pair, replayed for 24 hours.
 idempotency_keys = Table(
     "idempotency_keys",

@@ -88,6 +88,15 @@ def upgrade() -> None:
     op.create_index("ix_charges_provider_created", "charges", ["provider_account_id", "created_at"])
 
     op.create_table(
+        "charge_journal",
+        sa.Column("seq", sa.Integer(), autoincrement=True, nullable=False),
+        sa.Column("body", sa.Text(), nullable=False),
+        _timestamp("failed_at"),
+        sa.Column("error", sa.Text(), nullable=True),
+        sa.PrimaryKeyConstraint("seq"),
+    )
+
+    op.create_table(
         "idempotency_keys",
         sa.Column("account_id", sa.String(length=40), nullable=False),
         sa.Column("key", sa.String(length=255), nullable=False),
@@ -178,6 +187,7 @@ def downgrade() -> None:
         "webhook_endpoints",
         "payouts",
         "idempotency_keys",
+        "charge_journal",
         "charges",
         "account_identities",
         "sessions",
