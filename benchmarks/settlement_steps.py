@@ -1,0 +1,120 @@
+"""What each step of settling a charge costs, in-process, on SQLite (WAL, NORMAL).
+
+    .venv/bin/python benchmarks/settlement_steps.py [--n 2000]
+
+Prints CPU microseconds per charge for: posting one charge in its own transaction, posting
+64 per transaction, a journal append of one charge per commit (what a request waits for),
+posting from the journal in bulk, and a bare round trip to a worker thread (asyncio and
+uvloop), which every write from the event loop pays once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import uvloop
+
+from swarmgate.accounts import service
+from swarmgate.accounts.keys import new_id, utcnow
+from swarmgate.billing.settlement import PendingCharge, _SqliteJournal, _write_plan, plan_batch
+from swarmgate.store.db import create_engine, migrate
+
+
+async def _database(path: Path) -> tuple[str, str]:
+    engine = create_engine(f"sqlite+aiosqlite:///{path}")
+    await migrate(engine)
+    developer = await service.create_account(engine, name="bench", credit_micros=10**12)
+    provider = await service.create_account(engine, name="provider", provider=True)
+    await engine.dispose()
+    return developer["id"], provider["id"]
+
+
+def _charges(n: int, developer: str, provider: str) -> list[PendingCharge]:
+    return [
+        PendingCharge(
+            charge_id=new_id("chg"),
+            transaction_id=new_id("txn"),
+            job_id=new_id("job"),
+            account_id=developer,
+            key_id="key_bench",
+            sandbox=False,
+            model="smollm2-135m-instruct-q4_1",
+            device_id="dev_bench",
+            provider_account_id=provider,
+            prompt_tokens=12,
+            completion_tokens=16,
+            charged_micros=1,
+            provider_micros=0,
+            platform_micros=1,
+            created_at=utcnow(),
+        )
+        for _ in range(n)
+    ]
+
+
+def _cpu_per(n: int, run: object) -> float:
+    start = time.process_time()
+    run()  # type: ignore[operator]
+    return (time.process_time() - start) / n * 1e6
+
+
+def _posting(journal: _SqliteJournal, charges: list[PendingCharge], group: int) -> None:
+    conn = journal._connection()
+    for i in range(0, len(charges), group):
+        plan = plan_batch(charges[i : i + group], for_sqlite=True)
+        conn.execute("BEGIN IMMEDIATE")
+        _write_plan(conn, plan)
+        conn.execute("COMMIT")
+
+
+async def _hop(n: int) -> float:
+    pool = ThreadPoolExecutor(max_workers=1)
+    loop = asyncio.get_running_loop()
+    for _ in range(200):
+        await loop.run_in_executor(pool, int)
+    start = time.process_time()
+    for _ in range(n):
+        await loop.run_in_executor(pool, int)
+    pool.shutdown()
+    return (time.process_time() - start) / n * 1e6
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--n", type=int, default=2000)
+    args = parser.parse_args(argv)
+    n = args.n
+    with tempfile.TemporaryDirectory(prefix="swarmgate-settle-") as tmp:
+        path = Path(tmp) / "bench.db"
+        developer, provider = asyncio.run(_database(path))
+        journal = _SqliteJournal(str(path))
+        rows = {
+            "posting, one charge per transaction": _cpu_per(
+                n, lambda: _posting(journal, _charges(n, developer, provider), 1)
+            ),
+            "posting, 64 charges per transaction": _cpu_per(
+                n, lambda: _posting(journal, _charges(n, developer, provider), 64)
+            ),
+        }
+        appended = _charges(n, developer, provider)
+        rows["journal append, one charge per commit"] = _cpu_per(
+            n, lambda: [journal._append([c]) for c in appended]
+        )
+        rows["posting from the journal in bulk"] = _cpu_per(n, lambda: journal._post_all(512))
+        journal.close()
+    rows["thread round trip (asyncio)"] = asyncio.run(_hop(n))
+    rows["thread round trip (uvloop)"] = uvloop.run(_hop(n))
+    width = max(len(name) for name in rows)
+    for name, micros in rows.items():
+        print(f"{name:<{width}}  {micros:7.1f} us CPU per charge")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
