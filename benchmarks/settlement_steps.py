@@ -38,8 +38,6 @@ async def _database(path: Path) -> tuple[str, str]:
 def _charges(n: int, developer: str, provider: str) -> list[PendingCharge]:
     return [
         PendingCharge(
-            charge_id=new_id("chg"),
-            transaction_id=new_id("txn"),
             job_id=new_id("job"),
             account_id=developer,
             key_id="key_bench",

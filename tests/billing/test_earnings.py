@@ -51,7 +51,6 @@ async def record_job(
     async with engine.begin() as conn:
         await conn.execute(
             insert(charges).values(
-                id=new_id("chg"),
                 job_id=job_id,
                 account_id=developer,
                 sandbox=sandbox,

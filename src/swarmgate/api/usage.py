@@ -115,7 +115,9 @@ async def get_usage(
             "daily_spend_cap_micros": row.daily_spend_cap_micros,
         }
         if row.key_id is not None:
-            entry["spent_today_micros"] = await gateway.billing.spent_today(row.key_id)
+            entry["spent_today_micros"] = await gateway.billing.spent_today(
+                row.key_id, principal.account_id
+            )
         by_key.append(entry)
     total_cost = sum(int(row.cost or 0) for row in models)
     return json_response(

@@ -29,7 +29,7 @@ from datetime import UTC, date, datetime, timedelta
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from swarmgate.accounts.keys import Principal, new_id, utcnow
+from swarmgate.accounts.keys import Principal, utcnow
 from swarmgate.billing.ledger import Balance, Ledger, developer_book, holds_book
 from swarmgate.billing.pricing import job_cost_micros, max_cost_micros, split_earnings
 from swarmgate.billing.settlement import (
@@ -188,14 +188,17 @@ class Billing:
         return transaction_id
 
     # -- the daily cap ------------------------------------------------------------------
-    async def _key_spend(self, key_id: str) -> KeySpend:
+    async def _key_spend(self, key_id: str, account_id: str) -> KeySpend:
         today = datetime.now(UTC).date()
         spend = self._spend.get(key_id)
         if spend is not None and spend.day == today:
             return spend
         start = datetime(today.year, today.month, today.day, tzinfo=UTC)
+        # The account's index narrows it to today's charges; the key filters those.
         query = select(func.coalesce(func.sum(charges.c.cost_micros), 0)).where(
-            charges.c.key_id == key_id, charges.c.created_at >= start
+            charges.c.account_id == account_id,
+            charges.c.created_at >= start,
+            charges.c.key_id == key_id,
         )
         async with self._engine.connect() as conn:
             committed = int(await conn.scalar(query) or 0)
@@ -205,8 +208,8 @@ class Billing:
             self._spend[key_id] = spend
         return spend
 
-    async def spent_today(self, key_id: str) -> int:
-        return (await self._key_spend(key_id)).total
+    async def spent_today(self, key_id: str, account_id: str) -> int:
+        return (await self._key_spend(key_id, account_id)).total
 
     # -- holds ----------------------------------------------------------------------------
     def quote(self, pricing: Pricing, prompt_texts: Iterable[str], max_tokens: int) -> int:
@@ -235,7 +238,7 @@ class Billing:
         spend: KeySpend | None = None
         cap = principal.settings.daily_spend_cap_micros
         if principal.key_id is not None and cap is not None:
-            spend = await self._key_spend(principal.key_id)
+            spend = await self._key_spend(principal.key_id, principal.account_id)
             if spend.would_pass(cap, amount_micros):
                 raise SpendCapReached(
                     f"This key's daily spend cap of {cap} micro-dollars would be passed "
@@ -392,8 +395,6 @@ class Billing:
         else:
             provider, platform = split_earnings(charged, self._share_bps)
         return PendingCharge(
-            charge_id=new_id("chg"),
-            transaction_id=new_id("txn"),
             job_id=hold.job_id,
             account_id=hold.account_id,
             key_id=hold.key_id,

@@ -38,6 +38,7 @@ from sqlalchemy import insert, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from swarmgate.accounts.keys import new_id
 from swarmgate.billing.ledger import (
     EXTERNAL_PREFIX,
     PLATFORM_REVENUE,
@@ -59,8 +60,6 @@ log = logging.getLogger("swarmgate.billing")
 class PendingCharge:
     """One settled job on its way to the database."""
 
-    charge_id: str
-    transaction_id: str
     job_id: str
     account_id: str
     key_id: str | None
@@ -117,8 +116,6 @@ class PendingCharge:
 
 
 _JOURNALED = (
-    "charge_id",
-    "transaction_id",
     "job_id",
     "account_id",
     "key_id",
@@ -141,7 +138,6 @@ class ChargeRefused(Exception):
 TRANSACTION_COLUMNS = ("id", "kind", "account_id", "job_id", "hold_id", "created_at")
 ENTRY_COLUMNS = ("transaction_id", "book", "amount_micros")
 CHARGE_COLUMNS = (
-    "id",
     "job_id",
     "account_id",
     "key_id",
@@ -193,7 +189,7 @@ def plan_batch(batch: list[PendingCharge], *, for_sqlite: bool = False) -> _Batc
     first = batch[0].created_at
     resolved_at: Any = sqlite_value(first) if for_sqlite else first
     for account_id, group in by_account.items():
-        txn = group[0].transaction_id
+        txn = new_id("txn")
         only = group[0] if len(group) == 1 else None
         transactions.append(
             (
@@ -207,11 +203,9 @@ def plan_batch(batch: list[PendingCharge], *, for_sqlite: bool = False) -> _Batc
         )
         postings: list[Posting] = []
         for charge in group:
-            charge.transaction_id = txn
             postings.extend(charge.postings())
             charge_rows.append(
                 (
-                    charge.charge_id,
                     charge.job_id,
                     charge.account_id,
                     charge.key_id,

@@ -228,8 +228,7 @@ balances = Table(
 charges = Table(
     "charges",
     metadata,
-    Column("id", String(40), primary_key=True),
-    Column("job_id", String(40), nullable=False, unique=True),  # a job is charged once
+    Column("job_id", String(40), primary_key=True),  # a job is charged once
     Column("account_id", String(40), ForeignKey("accounts.id"), nullable=False),
     Column("key_id", String(40)),
     Column("sandbox", Boolean, nullable=False, default=False),
@@ -244,7 +243,6 @@ charges = Table(
     Column("transaction_id", String(40), ForeignKey("ledger_transactions.id"), nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Index("ix_charges_account_created", "account_id", "created_at"),
-    Index("ix_charges_key_created", "key_id", "created_at"),
     Index("ix_charges_provider_created", "provider_account_id", "created_at"),
 )
 

@@ -63,7 +63,6 @@ def upgrade() -> None:
 
     op.create_table(
         "charges",
-        sa.Column("id", sa.String(length=40), nullable=False),
         sa.Column("job_id", sa.String(length=40), nullable=False),
         sa.Column("account_id", sa.String(length=40), nullable=False),
         sa.Column("key_id", sa.String(length=40), nullable=True),
@@ -80,11 +79,9 @@ def upgrade() -> None:
         _timestamp("created_at", nullable=False),
         sa.ForeignKeyConstraint(["account_id"], ["accounts.id"]),
         sa.ForeignKeyConstraint(["transaction_id"], ["ledger_transactions.id"]),
-        sa.PrimaryKeyConstraint("id"),
-        sa.UniqueConstraint("job_id"),
+        sa.PrimaryKeyConstraint("job_id"),
     )
     op.create_index("ix_charges_account_created", "charges", ["account_id", "created_at"])
-    op.create_index("ix_charges_key_created", "charges", ["key_id", "created_at"])
     op.create_index("ix_charges_provider_created", "charges", ["provider_account_id", "created_at"])
 
     op.create_table(
@@ -177,7 +174,6 @@ def downgrade() -> None:
         ("ix_payouts_account_created", "payouts"),
         ("ix_idempotency_keys_expires", "idempotency_keys"),
         ("ix_charges_provider_created", "charges"),
-        ("ix_charges_key_created", "charges"),
         ("ix_charges_account_created", "charges"),
         ("ix_sessions_account", "sessions"),
     ):
