@@ -8,8 +8,7 @@ without the old one's revocation being recorded.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -36,7 +35,7 @@ from swarmgate.accounts.keys import (
 from swarmgate.billing.ledger import WELCOME_SOURCE, post_top_up
 from swarmgate.billing.payouts import grant_provider_bonus
 from swarmgate.errors import Conflict, NotFound, RequestError
-from swarmgate.store.db import as_utc, iso
+from swarmgate.store.db import as_utc, iso, write_transaction
 from swarmgate.store.tables import account_identities, accounts, api_keys, devices
 
 # What a key's owner may change after creation; anything else is fixed for its lifetime.
@@ -63,16 +62,6 @@ class CreatedSecret:
     secret: str
     prefix: str
     created_at: datetime
-
-
-@asynccontextmanager
-async def writing(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
-    """A write transaction that reads first: on SQLite it takes the write lock up front,
-    so the read cannot go stale and a racing writer waits instead of failing with BUSY."""
-    async with engine.begin() as conn:
-        if conn.dialect.name == "sqlite":
-            await conn.exec_driver_sql("BEGIN IMMEDIATE")
-        yield conn
 
 
 # -- accounts ---------------------------------------------------------------------------
@@ -262,7 +251,7 @@ async def create_identity_account(
     the winner's mapping.
     """
     try:
-        async with writing(engine) as conn:
+        async with write_transaction(engine) as conn:
             existing = await conn.scalar(
                 select(account_identities.c.account_id).where(
                     account_identities.c.issuer == issuer,
@@ -475,7 +464,7 @@ async def update_api_key(
     values = dict(changes)
     if "allowed_models" in values:
         values["allowed_models"] = _allowed_models_json(values["allowed_models"])
-    async with writing(engine) as conn:
+    async with write_transaction(engine) as conn:
         _require_usable(await _owned_key(conn, account_id, key_id), "changed")
         if values:
             await conn.execute(update(api_keys).where(api_keys.c.id == key_id).values(**values))
@@ -484,7 +473,7 @@ async def update_api_key(
 
 async def revoke_api_key(engine: AsyncEngine, account_id: str, key_id: str) -> dict[str, Any]:
     """Revokes a key at once; revoking a revoked key changes nothing."""
-    async with writing(engine) as conn:
+    async with write_transaction(engine) as conn:
         row = await _owned_key(conn, account_id, key_id)
         if row.revoked_at is None:
             await conn.execute(
@@ -508,7 +497,7 @@ async def rotate_api_key(
     revoked now, or with a grace period stops working ``grace_s`` seconds from now."""
     if grace_s < 0:
         raise RequestError("grace_seconds cannot be negative", param="grace_seconds")
-    async with writing(engine) as conn:
+    async with write_transaction(engine) as conn:
         old = await _owned_key(conn, account_id, key_id)
         _require_usable(old, "rotated")
         now = utcnow()

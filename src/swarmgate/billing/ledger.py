@@ -64,7 +64,7 @@ from swarmgate.billing.pricing import (
     split_earnings,
 )
 from swarmgate.errors import BillingError, InsufficientCredits, NotFound, RequestError
-from swarmgate.store.db import as_utc
+from swarmgate.store.db import as_utc, write_transaction
 from swarmgate.store.tables import accounts, balances, holds, ledger_entries, ledger_transactions
 
 PLATFORM_REVENUE = "platform:revenue"
@@ -350,9 +350,7 @@ class Ledger:
 
     @asynccontextmanager
     async def writing(self) -> AsyncIterator[AsyncConnection]:
-        async with self._engine.begin() as conn:
-            if conn.dialect.name == "sqlite":
-                await conn.exec_driver_sql("BEGIN IMMEDIATE")
+        async with write_transaction(self._engine) as conn:
             yield conn
 
     async def top_up(

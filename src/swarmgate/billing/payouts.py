@@ -29,8 +29,7 @@ never deadlock each other.
 from __future__ import annotations
 
 import enum
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -50,7 +49,7 @@ from swarmgate.billing.ledger import (
 from swarmgate.billing.pricing import require_micros
 from swarmgate.config import GatewaySettings
 from swarmgate.errors import BillingError, IllegalTransition, NotFound, RequestError
-from swarmgate.store.db import as_utc
+from swarmgate.store.db import as_utc, write_transaction
 from swarmgate.store.tables import accounts, balances, ledger_entries, ledger_transactions, payouts
 
 EXTERNAL_BONUSES = "external:bonuses"
@@ -314,14 +313,6 @@ class Payouts:
         # SQLite stores wall-clock text, so every stored instant must be UTC to compare.
         return as_utc(self._clock()).astimezone(UTC)
 
-    @asynccontextmanager
-    async def _writing(self) -> AsyncIterator[AsyncConnection]:
-        async with self._engine.begin() as conn:
-            if conn.dialect.name == "sqlite":
-                # Take the write lock before the first read (see billing/ledger.py).
-                await conn.exec_driver_sql("BEGIN IMMEDIATE")
-            yield conn
-
     async def funds(self, account_id: str) -> ProviderFunds:
         async with self._engine.connect() as conn:
             return await provider_funds(
@@ -329,7 +320,7 @@ class Payouts:
             )
 
     async def grant_bonus(self, account_id: str, amount_micros: int) -> str | None:
-        async with self._writing() as conn:
+        async with write_transaction(self._engine) as conn:
             return await grant_provider_bonus(
                 conn, account_id, amount_micros=amount_micros, now=self._now()
             )
@@ -352,7 +343,7 @@ class Payouts:
 
         now = self._now()
         payout_id = new_id("po")
-        async with self._writing() as conn:
+        async with write_transaction(self._engine) as conn:
             await _lock_account(conn, account_id)
             funds = await provider_funds(
                 conn, account_id, now=now, lock_days=self._lock_days, for_update=True
@@ -405,7 +396,7 @@ class Payouts:
         note: str | None = None,
     ) -> Payout:
         now = self._now()
-        async with self._writing() as conn:
+        async with write_transaction(self._engine) as conn:
             current = await _find(conn, payout_id)
             if current is None or (owner is not None and current.account_id != owner):
                 raise NotFound(f"no payout {payout_id!r}", param="payout")

@@ -50,7 +50,7 @@ from swarmgate.billing.ledger import (
     holds_book,
     provider_book,
 )
-from swarmgate.store.db import sqlite_path, sqlite_value
+from swarmgate.store.db import apply_sqlite_pragmas, sqlite_path, sqlite_value
 from swarmgate.store.tables import balances, charges, holds, ledger_entries, ledger_transactions
 
 log = logging.getLogger("swarmgate.billing")
@@ -273,10 +273,7 @@ class _SqliteJournal:
     def _connection(self) -> sqlite3.Connection:
         if self._conn is None:
             conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
-            conn.execute("PRAGMA foreign_keys=ON")
-            conn.execute("PRAGMA busy_timeout=30000")
+            apply_sqlite_pragmas(conn)
             self._conn = conn
         return self._conn
 
