@@ -120,6 +120,12 @@ class LiveGateway:
         self.agents.append((agent, stop, task))
         if wait:
             await self.wait_for_device(device_id)
+            # The gateway lists a device before the node has read its welcome frame.
+            deadline = time.monotonic() + 10
+            while agent.stats.device_id is None:
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"device {device_id} never got its welcome")
+                await asyncio.sleep(0.01)
         return agent
 
     async def wait_for_device(self, device_id: str, timeout: float = 10.0) -> None:
