@@ -50,6 +50,7 @@ def fast_settings(data_dir: Path, **overrides: Any) -> GatewaySettings:
         "heartbeat_interval_s": 0.5,
         "heartbeat_timeout_s": 3.0,
         "job_log_flush_ms": 10,
+        "canary_interval_s": 0.0,  # tests send canaries themselves
     }
     values.update(overrides)
     return GatewaySettings(**values)
@@ -101,9 +102,17 @@ class LiveGateway:
         return device.id, device.secret
 
     async def add_sim_device(
-        self, model: str = MODEL, slots: int = 1, wait: bool = True, **config: Any
+        self,
+        model: str = MODEL,
+        slots: int = 1,
+        wait: bool = True,
+        token: str | None = None,
+        **config: Any,
     ) -> NodeAgent:
-        device_id, token = await self.device_token()
+        """A ``sim`` node on its own new device, or on the device ``token`` belongs to."""
+        device_id: str | None = None
+        if token is None:
+            device_id, token = await self.device_token()
         agent = NodeAgent(
             gateway_url=self.ws_url,
             token=token,
@@ -119,13 +128,13 @@ class LiveGateway:
         task = asyncio.create_task(agent.run(stop))
         self.agents.append((agent, stop, task))
         if wait:
-            await self.wait_for_device(device_id)
             # The gateway lists a device before the node has read its welcome frame.
             deadline = time.monotonic() + 10
             while agent.stats.device_id is None:
                 if time.monotonic() > deadline:
                     raise AssertionError(f"device {device_id} never got its welcome")
                 await asyncio.sleep(0.01)
+            await self.wait_for_device(device_id or agent.stats.device_id)
         return agent
 
     async def wait_for_device(self, device_id: str, timeout: float = 10.0) -> None:
@@ -137,7 +146,8 @@ class LiveGateway:
 
     def client(self, key: str | None = None, **kwargs: Any) -> httpx.AsyncClient:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
-        return httpx.AsyncClient(base_url=self.base_url, headers=headers, timeout=30, **kwargs)
+        kwargs.setdefault("timeout", 30)
+        return httpx.AsyncClient(base_url=self.base_url, headers=headers, **kwargs)
 
     async def stop_agents(self) -> None:
         for _agent, stop, _task in self.agents:

@@ -99,6 +99,11 @@ def _add_sim_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--sim-fail-rate", type=float, default=0.0)
     group.add_argument("--sim-die-after", type=int, default=None)
     group.add_argument("--sim-hang", action="store_true")
+    group.add_argument(
+        "--sim-serve-as",
+        metavar="MODEL",
+        help="a liar: claim the requested model but answer as this one (tests canaries)",
+    )
 
 
 def _sim_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -109,6 +114,7 @@ def _sim_options(args: argparse.Namespace) -> dict[str, Any]:
         "fail_rate": args.sim_fail_rate,
         "die_after_tokens": args.sim_die_after,
         "hang": args.sim_hang,
+        "serve_as": args.sim_serve_as,
     }
 
 

@@ -46,6 +46,24 @@ class GatewaySettings(BaseSettings):
     max_frame_bytes: int = 4_000_000
     warming_retry_after_s: int = 300
 
+    # routing and trust
+    # Providers may price each model on their devices within these shares of the catalog's.
+    device_price_min_bps: int = 5_000
+    device_price_max_bps: int = 20_000
+    # A device reporting more tokens per second than this (over a whole answer) is suspected.
+    trust_max_tokens_per_s: float = 5_000.0
+    trust_abort_streak: int = 5  # failed jobs in a row that make one suspicion
+    attestation_valid_s: float = 7 * 86_400  # an integrity verdict counts this long
+    # Known-answer canaries: every this many seconds, each idle device with a reference
+    # for one of its models gets one (0: off).
+    canary_interval_s: float = 900.0
+    canary_max_per_round: int = 50
+    # Google Play Integrity (classic flow) for verified devices; off unless set.
+    play_integrity_package: str = ""
+    play_integrity_decryption_key: str = ""  # base64, from the Play Console
+    play_integrity_verification_key: str = ""  # base64 DER public key, from the Play Console
+    play_integrity_certificate_digests: list[str] = Field(default_factory=list)
+
     # jobs
     job_log_flush_ms: int = 50
     key_cache_ttl_s: float = 30.0

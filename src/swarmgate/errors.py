@@ -19,6 +19,8 @@
     ├── PaymentProviderError      502 PAYMENT_PROVIDER_ERROR   (Stripe refused or was unreachable)
     ├── RoutingError              503                          (no device can take the request)
     │   ├── ModelWarming          503 model_warming            (catalog model, no device has it loaded)
+    │   ├── NoDeviceMatches       503 NO_..._DEVICE / ..._ABOVE_MAX (the request's routing
+    │   │                                                       constraints leave no device)
     │   └── DevicesBusy           503 DEVICES_BUSY             (every capable device stayed busy)
     ├── ModelStoreError           500 MODEL_STORE_ERROR        (a node could not fetch or verify a model)
     └── DeviceError                                            (a device failed a job)
@@ -181,6 +183,13 @@ class RoutingError(SwarmgateError):
 
 class ModelWarming(RoutingError):
     code = "model_warming"
+
+
+class NoDeviceMatches(RoutingError):
+    """Devices serve the model, but the request's constraints rule every one out; ``code``
+    names the constraint that emptied the field and ``param`` the request field."""
+
+    code = "NO_DEVICE_AVAILABLE"
 
 
 class DevicesBusy(RoutingError):

@@ -6,8 +6,12 @@ import asyncio
 import contextlib
 import logging
 import time
+from typing import TYPE_CHECKING
 
 from sqlalchemy.ext.asyncio import AsyncEngine
+
+if TYPE_CHECKING:
+    from swarmgate.trust.attestation import NonceBook, Verifier
 
 from swarmgate.accounts.jwt_auth import JwtVerifier
 from swarmgate.accounts.keys import LIVE_PREFIX, TEST_PREFIX, KeyVerifier, Principal, parse_bearer
@@ -15,7 +19,7 @@ from swarmgate.accounts.limits import RateLimiter
 from swarmgate.accounts.signin import SESSION_PREFIX, SessionVerifier
 from swarmgate.billing.service import Billing
 from swarmgate.billing.settlement import PendingCharge
-from swarmgate.catalog import Catalog
+from swarmgate.catalog import Catalog, Pricing
 from swarmgate.config import GatewaySettings
 from swarmgate.errors import AuthError
 from swarmgate.protocol import CLOSE_HEARTBEAT_TIMEOUT
@@ -25,6 +29,8 @@ from swarmgate.routing.joblog import JobLog
 from swarmgate.routing.registry import DeviceRegistry
 from swarmgate.store.db import create_engine, migrate
 from swarmgate.store.idempotency import IdempotencyStore
+from swarmgate.trust.book import TrustBook
+from swarmgate.trust.canary import CanaryRunner, CanarySet
 from swarmgate.webhooks.delivery import ChargeEvent, Webhooks
 
 log = logging.getLogger("swarmgate.gateway")
@@ -44,7 +50,20 @@ class Gateway:
             }
             for model in self.catalog
         ]
-        self.registry = DeviceRegistry(warming_retry_after_s=settings.warming_retry_after_s)
+        self.registry = DeviceRegistry(
+            pricing_of=self._catalog_pricing,
+            warming_retry_after_s=settings.warming_retry_after_s,
+        )
+        self.trust = TrustBook(
+            self.engine,
+            self.registry,
+            self.catalog,
+            max_tokens_per_s=settings.trust_max_tokens_per_s,
+            abort_streak=settings.trust_abort_streak,
+            attestation_valid_s=settings.attestation_valid_s,
+            price_min_bps=settings.device_price_min_bps,
+            price_max_bps=settings.device_price_max_bps,
+        )
         self.verifier = KeyVerifier(self.engine, ttl_s=settings.key_cache_ttl_s)
         self.sessions = SessionVerifier(self.engine, ttl_s=settings.key_cache_ttl_s)
         self.jwt: JwtVerifier | None = None
@@ -73,8 +92,33 @@ class Gateway:
             takeover_after_s=settings.request_timeout_s,
         )
         self.background = BackgroundJobs(
-            self.engine, self.execution, billing=self.billing, catalog=self.catalog
+            self.engine,
+            self.execution,
+            billing=self.billing,
+            catalog=self.catalog,
+            price_of=self.device_price,
         )
+        self.canaries = CanaryRunner(
+            self.registry,
+            self.trust,
+            self.execution,
+            CanarySet.load(),
+            interval_s=settings.canary_interval_s,
+            max_per_round=settings.canary_max_per_round,
+        )
+        # Integrity attestation: off unless configured (the crypto loads only then).
+        self.attestation: Verifier | None = None
+        self.nonces: NonceBook | None = None
+        if settings.play_integrity_package:
+            from swarmgate.trust.attestation import NonceBook, PlayIntegrityVerifier
+
+            self.nonces = NonceBook()
+            self.attestation = PlayIntegrityVerifier.from_config(
+                decryption_key_b64=settings.play_integrity_decryption_key,
+                verification_key_b64=settings.play_integrity_verification_key,
+                package_name=settings.play_integrity_package,
+                certificate_digests=settings.play_integrity_certificate_digests,
+            )
         self.webhooks = Webhooks(self.engine, settings)
         self.billing.listeners.append(self._charge_settled)
         self.ready = False
@@ -109,14 +153,31 @@ class Gateway:
             )
         )
 
+    def _catalog_pricing(self, model: str) -> Pricing | None:
+        entry = self.catalog.get(model)
+        return entry.pricing if entry is not None else None
+
+    def device_price(self, device_id: str | None, model: str) -> Pricing:
+        """What ``device_id`` charges for ``model``: its own price, else the catalog's."""
+        entry = self.catalog.get(model)
+        default = (
+            entry.pricing
+            if entry is not None
+            else Pricing(input_per_1m_micros=0, output_per_1m_micros=0)
+        )
+        profile = self.trust.profiles.get(device_id) if device_id is not None else None
+        return profile.price(model, default) if profile is not None else default
+
     def execution(self, spec: JobSpec) -> Execution:
-        return Execution(spec=spec, registry=self.registry, policy=self.policy)
+        return Execution(spec=spec, registry=self.registry, policy=self.policy, observer=self.trust)
 
     async def start(self) -> None:
         await migrate(self.engine)
         await self.billing.start()
         await self.webhooks.start()
         self.job_log.start()
+        self.trust.start()
+        self.canaries.start()
         await self.background.start()
         self._tasks = [
             asyncio.create_task(self._watch_heartbeats(), name="heartbeat-watch"),
@@ -133,11 +194,14 @@ class Gateway:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await self.background.stop()
+        await self.canaries.stop()
         for device in self.registry.devices():
             device.close("gateway shutting down")
         await self.billing.stop()  # every charge already queued is written
         await self.webhooks.stop()  # after billing: its last charges raise events too
         await self.job_log.close()
+        with contextlib.suppress(Exception):
+            await self.trust.stop()
         with contextlib.suppress(Exception):
             await self.verifier.flush_last_used()
         if self.jwt is not None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, model_validator
 
 PROTOCOL_VERSION = 1
 
@@ -54,6 +54,8 @@ class Hello(Frame):
     node_version: str = Field(max_length=50)
     device: DeviceFacts
     region: str = Field(default="unknown", max_length=50)
+    # What runs the models ("llama-cpp", "sim", ...): canaries compare with its references.
+    engine: str = Field(default="unknown", max_length=50)
     slots: int = Field(default=1, ge=1, le=256)
     models: list[LoadedModel] = Field(default_factory=list, max_length=64)
 
@@ -145,6 +147,15 @@ class JobFrame(Frame):
     messages: list[ChatMessage]
     params: SamplingParams
     stream: bool
+    # The last message is a partial assistant answer to continue (another device was
+    # cut off mid-stream); ``params.max_tokens`` counts only the new tokens.
+    continue_final: bool = False
+
+    @model_validator(mode="after")
+    def _continues_an_assistant_turn(self) -> JobFrame:
+        if self.continue_final and (not self.messages or self.messages[-1].role != "assistant"):
+            raise ValueError("continue_final needs a last message with role 'assistant'")
+        return self
 
 
 class Cancel(Frame):

@@ -22,6 +22,8 @@ PROFILES: dict[str, dict[str, Any]] = {
     "flaky": {"fail_rate": 0.3},
     "dying": {"die_after_tokens": 3},
     "hanging": {"hang": True},
+    # Claims the model it is asked for, answers as another: canaries catch it.
+    "liar": {"serve_as": "liar/other-model"},
 }
 
 

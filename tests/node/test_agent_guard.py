@@ -15,6 +15,7 @@ from swarmgate.node.agent import NodeAgent
 from swarmgate.node.backends.sim import SimBackend, SimConfig, sim_answer
 from swarmgate.node.guard import DeviceGuard, FixedSensors, GuardPolicy, PauseDecision, Readings
 from swarmgate.protocol import DeviceFacts, JobFrame
+from swarmgate.routing.profile import MEASURED_AFTER
 from swarmgate.routing.states import ConnectionState
 from tests.conftest import (
     ADMIN_TOKEN,
@@ -252,7 +253,12 @@ async def test_a_job_that_crosses_the_pause_fails_over(live: LiveGateway) -> Non
     spare = live.gateway.registry.get(other_id)
     assert paused is not None and spare is not None
     await eventually(lambda: paused.state is ConnectionState.READY, "ready")
-    spare.ewma_ttft_ms = 10_000.0  # so the gateway tries the paused device first
+    # So the gateway tries the paused device first: both measured, the spare slow.
+    for device, ttft in ((paused, 1.0), (spare, 10_000.0)):
+        for model in device.models:
+            stats = device.profile.model_stats(model)
+            stats.ttft_ms, stats.samples = ttft, MEASURED_AFTER
+            live.gateway.registry.measured(device, model)
 
     # The device has decided to pause; its heartbeat has not reached the gateway yet.
     guard.interval_s = 3600

@@ -249,15 +249,15 @@ async def test_status_from_registration_to_serving(
     assert offline["gateway"] == live.base_url
     assert offline["state"] == "offline"
     assert offline["models"] == []
-    # Earnings come from the gateway with the saved device token; trust is not made up.
+    # Earnings and trust come from the gateway with the saved device token.
     earnings = offline["earnings"]
     assert earnings["today"] == {
         "jobs": 1, "tokens": 30, "earned_micros": 850, "earned_usd": "0.000850"
     }  # fmt: skip
     assert earnings["all_time"]["jobs"] == 1
     assert earnings["account"]["withdrawable_micros"] == 850
-    assert offline["trust_score"] is None
-    assert "trust score is not tracked by this gateway yet" in offline["notes"]
+    assert offline["trust_score"] == 0.0  # a new device has earned no trust yet
+    assert offline["trust"]["trusted"] is False and offline["trust"]["suspended"] is False
     local = offline["local"]
     assert set(local) >= {"battery_percent", "charging", "temperature_c", "cpu_percent", "guard"}
     assert local["guard"]["paused"] in (True, False)
@@ -289,7 +289,9 @@ async def test_status_from_registration_to_serving(
         assert earned.startswith("earnings     $0.00")
         assert " today, $" in earned and " in 30 days, $" in earned and " all time (" in earned
         assert any(line.startswith("withdrawable $0.00") for line in lines)
-        assert "trust score  n/a (not tracked by this gateway yet)" in lines
+        trust = next(line for line in lines if line.startswith("trust score  "))
+        assert trust.startswith("trust score  0.0") and "not trusted yet" in trust
+        assert served["trust_score"] > 0  # one job served: a little reliability
         assert any(line.startswith("this device  ") for line in lines)
         assert any(line.startswith("guard        would ") for line in lines)
     finally:

@@ -11,6 +11,7 @@ import pytest
 from swarmgate.errors import AllAttemptsFailed, DevicesBusy
 from swarmgate.protocol import ChatMessage, Delta, Done, JobError, SamplingParams, Usage
 from swarmgate.routing.dispatch import DispatchPolicy, Execution, JobSpec
+from swarmgate.routing.profile import MEASURED_AFTER
 from swarmgate.routing.registry import DeviceConnection, DeviceRegistry
 from swarmgate.routing.states import ConnectionState
 
@@ -52,7 +53,9 @@ class ScriptedDevice:
             models=frozenset({"m"}),
             send_text=_noop,
         )
-        self.conn.ewma_ttft_ms = ttft  # fixes the order in which devices are tried
+        stats = self.conn.profile.model_stats("m")
+        stats.ttft_ms = ttft  # fixes the order in which devices are tried
+        stats.samples = MEASURED_AFTER  # measured: no exploration share
         self.conn.transition(ConnectionState.READY)
         registry.add(self.conn)
         self.script = script
@@ -104,16 +107,16 @@ async def run(*scripts: Script) -> tuple[Execution, list[ScriptedDevice]]:
 async def test_refusals_fail_over_without_cooling_the_device_down() -> None:
     execution, devices = await run(error("DEVICE_PAUSED"), answer("ok"))
     assert [a.outcome for a in execution.attempts] == ["refused", "succeeded"]
-    assert devices[0].conn.consecutive_failures == 0
-    assert devices[0].conn.cooldown_until == 0
+    assert devices[0].conn.profile.consecutive_failures == 0
+    assert devices[0].conn.profile.cooldown_until == 0
     assert execution.completion is not None and execution.completion.text == "ok"
 
 
 async def test_errors_fail_over_and_cool_the_device_down() -> None:
     execution, devices = await run(error("SIM_FAILURE"), answer("ok"))
     assert [a.outcome for a in execution.attempts] == ["failed", "succeeded"]
-    assert devices[0].conn.consecutive_failures == 1
-    assert devices[0].conn.cooldown_until > 0
+    assert devices[0].conn.profile.consecutive_failures == 1
+    assert devices[0].conn.profile.cooldown_until > 0
 
 
 @pytest.mark.parametrize(

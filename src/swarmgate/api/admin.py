@@ -110,8 +110,18 @@ def live_devices(gateway: Gateway) -> list[dict[str, object]]:
             "active_jobs": len(d.active),
             "models": sorted(d.models),
             "jobs_served": d.jobs_served,
-            "ewma_ttft_ms": d.ewma_ttft_ms,
-            "ewma_tokens_per_s": d.ewma_tokens_per_s,
+            "trust_score": d.profile.trust,
+            "verified": d.profile.verified,
+            "suspended_reason": d.profile.suspended_reason,
+            "stats": {
+                model: {
+                    "ttft_ms": stats.ttft_ms,
+                    "tokens_per_s": stats.tokens_per_s,
+                    "success_rate": round(stats.success, 4),
+                    "samples": stats.samples,
+                }
+                for model, stats in d.profile.stats.items()
+            },
             "node_version": d.node_version,
         }
         for d in gateway.registry.devices()

@@ -19,6 +19,7 @@ from swarmgate.api import (
     models,
     nodes,
     provider,
+    trust,
     usage,
     webhooks,
 )
@@ -69,6 +70,7 @@ def create_app(settings: GatewaySettings | None = None, gateway: Gateway | None 
         billing,
         webhooks,
         usage,
+        trust,
     ):
         app.include_router(module.router)
     return app

@@ -11,9 +11,11 @@ from swarmgate.accounts.keys import Principal
 from swarmgate.api.deps import CurrentPrincipal, GatewayDep, read_body
 from swarmgate.api.responses import json_response
 from swarmgate.api.running import (
+    AUTO_MODEL,
     DONE_FRAME,
     ClientGone,
     admit,
+    build_route,
     complete_or_cancel,
     new_job_id,
     now_utc,
@@ -46,28 +48,36 @@ def resolve_model(gateway: Gateway, model_id: str) -> CatalogModel:
     return model
 
 
-def chat_spec(
-    gateway: Gateway,
-    body: ChatCompletionRequest,
-    account_id: str,
-    key_id: str | None,
-    job_id: str,
-) -> JobSpec:
-    model = resolve_model(gateway, body.model)
-    max_tokens = body.requested_max_tokens(DEFAULT_MAX_TOKENS)
-    limit = min(gateway.settings.max_tokens_limit, model.context_length)
+def check_max_tokens(gateway: Gateway, model_id: str, max_tokens: int) -> str:
+    """The model id (a catalog id or ``auto``) once ``max_tokens`` fits it; else a 400/404."""
+    if model_id == AUTO_MODEL:
+        limit = gateway.settings.max_tokens_limit
+    else:
+        model = resolve_model(gateway, model_id)
+        limit = min(gateway.settings.max_tokens_limit, model.context_length)
     if max_tokens > limit:
         raise RequestError(
-            f"max_tokens is {max_tokens}; '{model.id}' allows at most {limit}.",
+            f"max_tokens is {max_tokens}; '{model_id}' allows at most {limit}.",
             param="max_tokens",
         )
+    return model_id
+
+
+def chat_spec(
+    gateway: Gateway, body: ChatCompletionRequest, principal: Principal, job_id: str
+) -> JobSpec:
+    max_tokens = body.requested_max_tokens(DEFAULT_MAX_TOKENS)
+    model_id = check_max_tokens(gateway, body.model, max_tokens)
+    messages = tuple(ChatMessage(role=m.chat_role, content=m.text) for m in body.messages)
     return JobSpec(
         job_id=job_id,
-        account_id=account_id,
-        key_id=key_id,
+        account_id=principal.account_id,
+        key_id=principal.key_id,
         kind="chat",
-        model=model.id,
-        messages=tuple(ChatMessage(role=m.chat_role, content=m.text) for m in body.messages),
+        model=model_id,
+        route=build_route(gateway, body, model_id, principal, messages, max_tokens),
+        continuation=body.stream_continuation,
+        messages=messages,
         params=SamplingParams(
             max_tokens=max_tokens,
             temperature=body.temperature,
@@ -104,8 +114,8 @@ async def chat_completions(request: Request, gateway: Gateway, principal: Princi
     raw = await read_body(request, gateway.settings.max_body_bytes)
     body = parse_body(ChatCompletionRequest, raw)
     job_id = new_job_id("chatcmpl-")
-    spec = chat_spec(gateway, body, principal.account_id, principal.key_id, job_id)
-    admitted = await admit(gateway, principal, spec, resolve_model(gateway, spec.model))
+    admitted = await admit(gateway, principal, chat_spec(gateway, body, principal, job_id))
+    spec = admitted.spec
     execution = gateway.execution(spec)
     created_at = now_utc()
     created = int(created_at.timestamp())
@@ -124,7 +134,7 @@ async def chat_completions(request: Request, gateway: Gateway, principal: Princi
                 "id": job_id,
                 "object": "chat.completion",
                 "created": created,
-                "model": spec.model,
+                "model": execution.model or spec.model,
                 "choices": [
                     {
                         "index": 0,
@@ -150,7 +160,9 @@ async def chat_completions(request: Request, gateway: Gateway, principal: Princi
         gateway.job_log.record(execution, created_at)
         raise
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    frames = _chunk_renderer(job_id, created, spec.model, execution, include_usage)
+    frames = _chunk_renderer(
+        job_id, created, execution.model or spec.model, execution, include_usage
+    )
     return stream_response(gateway, execution, first, events, created_at, frames, admitted)
 
 

@@ -12,13 +12,15 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from starlette.responses import Response
 
 from swarmgate.accounts.keys import Principal
-from swarmgate.api.chat import resolve_model
+from swarmgate.api.chat import check_max_tokens, resolve_model
 from swarmgate.api.deps import CurrentPrincipal, GatewayDep, read_body
 from swarmgate.api.responses import json_response
 from swarmgate.api.running import (
+    AUTO_MODEL,
     DONE_FRAME,
     ClientGone,
     admit,
+    build_route,
     complete_or_cancel,
     new_job_id,
     now_utc,
@@ -33,22 +35,12 @@ from swarmgate.api.schemas import InferenceRequest, JobRequest, parse_body
 from swarmgate.errors import Forbidden, NotFound, RequestError
 from swarmgate.gateway import Gateway
 from swarmgate.protocol import ChatMessage, Delta, Done, SamplingParams
+from swarmgate.routing.choice import route_to_json
 from swarmgate.routing.dispatch import JobSpec
 from swarmgate.store.db import as_utc, iso
 from swarmgate.store.tables import job_attempts, jobs
 
 router = APIRouter(tags=["inference"])
-
-
-def _check_max_tokens(gateway: Gateway, model_id: str, max_tokens: int) -> str:
-    model = resolve_model(gateway, model_id)
-    limit = min(gateway.settings.max_tokens_limit, model.context_length)
-    if max_tokens > limit:
-        raise RequestError(
-            f"max_tokens is {max_tokens}; '{model.id}' allows at most {limit}.",
-            param="max_tokens",
-        )
-    return model.id
 
 
 def _body_schema(model: Any) -> dict[str, Any]:
@@ -75,15 +67,18 @@ async def create_inference(
 async def inference(request: Request, gateway: Gateway, principal: Principal) -> Response:
     """The endpoint itself; served from the hot path (``api/hotpath.py``) in the gateway."""
     body = parse_body(InferenceRequest, await read_body(request, gateway.settings.max_body_bytes))
-    model_id = _check_max_tokens(gateway, body.model, body.max_tokens)
+    model_id = check_max_tokens(gateway, body.model, body.max_tokens)
     job_id = new_job_id("inf_")
+    messages = (ChatMessage(role="user", content=body.prompt),)
     spec = JobSpec(
         job_id=job_id,
         account_id=principal.account_id,
         key_id=principal.key_id,
         kind="inference",
         model=model_id,
-        messages=(ChatMessage(role="user", content=body.prompt),),
+        route=build_route(gateway, body, model_id, principal, messages, body.max_tokens),
+        continuation=body.stream_continuation,
+        messages=messages,
         params=SamplingParams(
             max_tokens=body.max_tokens,
             temperature=body.temperature,
@@ -93,8 +88,8 @@ async def inference(request: Request, gateway: Gateway, principal: Principal) ->
         ),
         stream=body.stream,
     )
-    admitted = await admit(gateway, principal, spec, resolve_model(gateway, model_id))
-    execution = gateway.execution(spec)
+    admitted = await admit(gateway, principal, spec)
+    execution = gateway.execution(admitted.spec)
     created_at = now_utc()
     created = int(created_at.timestamp())
 
@@ -116,7 +111,7 @@ async def inference(request: Request, gateway: Gateway, principal: Principal) ->
                 "id": job_id,
                 "object": "inference",
                 "created": created,
-                "model": model_id,
+                "model": execution.model or model_id,
                 "output": completion.text,
                 "finish_reason": completion.finish_reason,
                 "usage": {
@@ -176,7 +171,13 @@ async def create_job(
     body = parse_body(JobRequest, await read_body(request, gateway.settings.max_body_bytes))
     if (body.prompt is None) == (body.messages is None):
         raise RequestError("Send exactly one of 'prompt' or 'messages'.", param="prompt")
-    model_id = _check_max_tokens(gateway, body.model, body.max_tokens)
+    if body.model == AUTO_MODEL:
+        raise RequestError(
+            "Queued jobs need a catalog model, not 'auto': the device is chosen when the job "
+            "runs. Use fallback_models for alternatives.",
+            param="model",
+        )
+    model_id = check_max_tokens(gateway, body.model, body.max_tokens)
     if body.messages is not None:
         messages = [{"role": m.chat_role, "content": m.text} for m in body.messages]
     else:
@@ -188,17 +189,25 @@ async def create_job(
         stop=body.stop or [],
         seed=body.seed,
     )
+    chat = tuple(ChatMessage(**m) for m in messages)  # type: ignore[arg-type]
+    route = build_route(gateway, body, model_id, principal, chat, body.max_tokens)
+    if gateway.registry.pools_for(route):
+        # A queued job may wait for a device, but not for constraints none can meet.
+        gateway.registry.check(route)
     spec = JobSpec(
         job_id=new_job_id("job_"),
         account_id=principal.account_id,
         key_id=principal.key_id,
         kind="async",
         model=model_id,
-        messages=tuple(ChatMessage(**m) for m in messages),  # type: ignore[arg-type]
+        route=route,
+        messages=chat,
         params=params,
         stream=False,
     )
-    stored = orjson.dumps({"messages": messages, "params": params.model_dump()})
+    stored = orjson.dumps(
+        {"messages": messages, "params": params.model_dump(), "route": route_to_json(route)}
+    )
     model = resolve_model(gateway, model_id)
     if not principal.settings.allows(model.id):
         raise Forbidden(

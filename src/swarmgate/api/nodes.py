@@ -121,6 +121,9 @@ async def connect(ws: WebSocket) -> None:
 
     accepted = [m.id for m in hello.models if gateway.catalog.accepts_artifact(m.id, m.sha256)]
     rejected = sorted({m.id for m in hello.models} - set(accepted))
+    profile = await gateway.trust.profile_for(
+        principal.device_id, principal.account_id, hello.engine
+    )
     device = DeviceConnection(
         device_id=principal.device_id,
         account_id=principal.account_id,
@@ -129,6 +132,7 @@ async def connect(ws: WebSocket) -> None:
         models=frozenset(accepted),
         send_text=ws.send_text,
         node_version=hello.node_version,
+        profile=profile,
     )
     await _record_hello(gateway, principal.device_id, hello)
     welcome = Welcome(

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import secrets
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -16,12 +17,14 @@ from starlette.responses import StreamingResponse
 
 from swarmgate.accounts.keys import Principal
 from swarmgate.accounts.limits import Admission
+from swarmgate.api.schemas import RoutingFields
 from swarmgate.billing.pricing import max_cost_micros
-from swarmgate.billing.service import RequestHold, prompt_token_bound
-from swarmgate.catalog import CatalogModel
-from swarmgate.errors import Forbidden, SwarmgateError
+from swarmgate.billing.service import BilledPart, RequestHold, prompt_token_bound
+from swarmgate.catalog import Pricing
+from swarmgate.errors import Forbidden, ModelNotFound, ModelWarming, SwarmgateError
 from swarmgate.gateway import Gateway
-from swarmgate.protocol import Delta, Done
+from swarmgate.protocol import ChatMessage, Delta, Done
+from swarmgate.routing.choice import Route
 from swarmgate.routing.dispatch import Completion, Execution, JobSpec
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -37,13 +40,20 @@ def sse(payload: dict[str, Any]) -> bytes:
 
 
 def swarmgate_info(execution: Execution) -> dict[str, Any]:
-    return {
+    info: dict[str, Any] = {
         "inference_type": "p2p",
         "device_id": execution.device.device_id if execution.device else None,
+        "model": execution.model,
         "attempts": len(execution.attempts),
         "latency_ms": execution.latency_ms,
         "ttft_ms": execution.ttft_ms,
     }
+    if execution.parts:
+        info["continued"] = [
+            {"device_id": part.device_id, "completion_tokens": part.completion_tokens}
+            for part in execution.parts
+        ]
+    return info
 
 
 @dataclass(slots=True)
@@ -52,45 +62,124 @@ class Admitted:
 
     admission: Admission
     hold: RequestHold | None
+    # The job as admitted: its route kept to devices within what the hold covers.
+    spec: JobSpec
 
 
-async def admit(
-    gateway: Gateway, principal: Principal, spec: JobSpec, model: CatalogModel
-) -> Admitted:
-    """The checks before a job runs, cheapest first: model allowed, rate limits, credit.
+AUTO_MODEL = "auto"
 
-    Raises 403, 429 or 402 with nothing taken; otherwise the caller must end the
-    returned admission with ``settle`` (the job completed) or ``release`` (it did not).
+
+def build_route(
+    gateway: Gateway,
+    body: RoutingFields,
+    model_id: str,
+    principal: Principal,
+    messages: Iterable[ChatMessage],
+    max_tokens: int,
+) -> Route:
+    """The request's routing controls, checked against the catalog and the key.
+
+    ``model_id`` is a catalog id or ``auto`` (every model a device serves now competes,
+    scored by the tier). Fallback models must exist and be allowed for the key.
     """
-    if not principal.settings.allows(model.id):
+    settings = principal.settings
+    if model_id == AUTO_MODEL:
+        models = tuple(m for m in gateway.registry.served_models() if settings.allows(m))
+        if not models:
+            raise ModelWarming(
+                "No device serves any model this key may use right now. Retry later.",
+                retry_after=gateway.settings.warming_retry_after_s,
+            )
+    else:
+        ordered = [model_id]
+        for index, fallback in enumerate(body.fallback_models or ()):
+            if gateway.catalog.get(fallback) is None:
+                raise ModelNotFound(
+                    f"The fallback model '{fallback}' does not exist. GET /v1/models lists "
+                    "the models.",
+                    param=f"fallback_models[{index}]",
+                )
+            if fallback not in ordered:
+                ordered.append(fallback)
+        for model in ordered:
+            if not settings.allows(model):
+                raise Forbidden(
+                    f"This API key may not use the model '{model}'.",
+                    param="model" if model == model_id else "fallback_models",
+                    code="MODEL_NOT_ALLOWED",
+                )
+        models = tuple(ordered)
+    price = body.max_price
+    return Route(
+        models=models,
+        tier=body.tier,
+        any_model=model_id == AUTO_MODEL,
+        trusted_only=body.trusted_only,
+        verified_only=body.verified_only,
+        max_latency_ms=body.max_latency_ms,
+        allow=frozenset(body.allow_hosters or ()),
+        deny=frozenset(body.deny_hosters or ()),
+        max_price=None
+        if price is None
+        else Pricing(
+            input_per_1m_micros=price.input_per_1m_micros,
+            output_per_1m_micros=price.output_per_1m_micros,
+        ),
+        prompt_tokens=prompt_token_bound(message.content for message in messages),
+        max_tokens=max_tokens,
+    )
+
+
+async def admit(gateway: Gateway, principal: Principal, spec: JobSpec) -> Admitted:
+    """The checks before a job runs, cheapest first: model allowed, a device able to take
+    it (fail fast), rate limits, credit.
+
+    Raises 403, 404, 503, 429 or 402 with nothing taken; otherwise the caller must end the
+    returned admission with ``settle`` (the job completed) or ``release`` (it did not).
+    The hold covers the dearest device the request may land on; the job is then kept
+    to devices within that price (``spec.route`` is capped).
+    """
+    route = spec.routing
+    if route.models == (spec.model,) and not principal.settings.allows(spec.model):
         raise Forbidden(
-            f"This API key may not use the model '{model.id}'.",
+            f"This API key may not use the model '{spec.model}'.",
             param="model",
             code="MODEL_NOT_ALLOWED",
         )
-    prompt_bound = prompt_token_bound(message.content for message in spec.messages)
+    pools = gateway.registry.check(route)
+    prompt_bound = route.prompt_tokens or prompt_token_bound(m.content for m in spec.messages)
     max_tokens = spec.params.max_tokens
     admission = gateway.limiter.admit(
         principal.key_id, principal.settings, prompt_bound + max_tokens
     )
     if not gateway.billing.enabled:
-        return Admitted(admission, None)
+        return Admitted(admission, None, spec)
+    # The dearest price among the candidates (within the request's own max_price).
+    amount, pricing, model = 0, pools[0].pricing, pools[0].model
+    for pool in pools:
+        ceiling = pool.price_ceiling(route.max_price)
+        cost = max_cost_micros(ceiling, prompt_bound, max_tokens)
+        if cost >= amount:
+            amount, pricing, model = cost, ceiling, pool.model
+    caps = {pool.model: pool.price_ceiling(route.max_price) for pool in pools}
+    spec = dataclasses.replace(spec, route=route.capped_each(caps))
     try:
         hold = await gateway.billing.hold(
             principal,
-            model=model.id,
-            pricing=model.pricing,
-            amount_micros=max_cost_micros(model.pricing, prompt_bound, max_tokens),
+            model=model,
+            pricing=pricing,
+            amount_micros=amount,
             job_id=spec.job_id,
         )
     except BaseException:
         gateway.limiter.finish(admission, 0)
         raise
-    return Admitted(admission, hold)
+    return Admitted(admission, hold, spec)
 
 
 async def settle(gateway: Gateway, admitted: Admitted, execution: Execution) -> None:
-    """Charges a completed job; the answer may leave only after this returns."""
+    """Charges a completed job at the serving devices' prices; the answer may leave only
+    after this returns."""
     completion = execution.completion
     assert completion is not None, "settle() needs a completed job"
     gateway.limiter.finish(
@@ -98,13 +187,32 @@ async def settle(gateway: Gateway, admitted: Admitted, execution: Execution) -> 
     )
     if admitted.hold is None:
         return
+    if execution.parts:
+        await gateway.billing.settle_parts(
+            admitted.hold,
+            [
+                BilledPart(
+                    device_id=part.device_id,
+                    provider_account_id=part.account_id,
+                    model=part.model,
+                    pricing=gateway.device_price(part.device_id, part.model),
+                    prompt_tokens=part.prompt_tokens,
+                    completion_tokens=part.completion_tokens,
+                )
+                for part in execution.parts
+            ],
+        )
+        return
     device = execution.device
+    model = execution.model or execution.spec.model
     await gateway.billing.settle(
         admitted.hold,
         prompt_tokens=completion.prompt_tokens,
         completion_tokens=completion.completion_tokens,
         device_id=device.device_id if device else None,
         provider_account_id=device.account_id if device else None,
+        model=model,
+        pricing=gateway.device_price(device.device_id if device else None, model),
     )
 
 

@@ -53,7 +53,46 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class ChatCompletionRequest(BaseModel):
+class MaxPrice(BaseModel):
+    """The most a request will pay, per one million tokens, in micro-dollars."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    input_per_1m_micros: int = Field(default=10**12, ge=0)
+    output_per_1m_micros: int = Field(default=10**12, ge=0)
+
+
+class RoutingFields(BaseModel):
+    """Routing controls any inference request may carry (see routing/choice.py)."""
+
+    model_config = _LENIENT
+
+    tier: Literal["cheapest", "balanced", "fastest"] = "balanced"
+    privacy_mode: bool = False  # never any cloud upstream
+    trusted_only: bool = False
+    max_latency_ms: int | None = Field(default=None, ge=1)
+    fallback_models: list[Annotated[str, Field(min_length=1, max_length=200)]] | None = Field(
+        default=None, max_length=8
+    )
+    allow_hosters: list[Annotated[str, Field(min_length=1, max_length=64)]] | None = Field(
+        default=None, max_length=256
+    )
+    deny_hosters: list[Annotated[str, Field(min_length=1, max_length=64)]] | None = Field(
+        default=None, max_length=4096
+    )
+    privacy_level: Literal["standard", "verified"] | None = None
+    # The Nataris spelling of privacy_level.
+    privacyLevel: Literal["standard", "verified"] | None = None
+    max_price: MaxPrice | None = None
+    # Continue a stream on another device if its device fails mid-answer.
+    stream_continuation: bool = True
+
+    @property
+    def verified_only(self) -> bool:
+        return "verified" in (self.privacy_level, self.privacyLevel)
+
+
+class ChatCompletionRequest(RoutingFields):
     model_config = _LENIENT
 
     model: str = Field(min_length=1, max_length=200)
@@ -92,7 +131,7 @@ class ChatCompletionRequest(BaseModel):
         return self.max_completion_tokens or self.max_tokens or default
 
 
-class InferenceRequest(BaseModel):
+class InferenceRequest(RoutingFields):
     model_config = _LENIENT
 
     model: str = Field(min_length=1, max_length=200)
@@ -105,7 +144,7 @@ class InferenceRequest(BaseModel):
     stream: bool = False
 
 
-class JobRequest(BaseModel):
+class JobRequest(RoutingFields):
     """An asynchronous job: a prompt or a chat, run in the background."""
 
     model_config = _LENIENT

@@ -20,9 +20,10 @@ by re-reading the balance before a request would be refused.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -80,6 +81,18 @@ class RequestHold:
     created: float = field(default_factory=time.monotonic)
     ledger_hold_id: str | None = None  # asynchronous jobs: the hold is in the ledger
     resolved: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class BilledPart:
+    """What one device did for a job, at its price."""
+
+    device_id: str | None
+    provider_account_id: str | None
+    model: str
+    pricing: Pricing
+    prompt_tokens: int
+    completion_tokens: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -315,20 +328,32 @@ class Billing:
         completion_tokens: int,
         device_id: str | None,
         provider_account_id: str | None,
+        model: str | None = None,
+        pricing: Pricing | None = None,
     ) -> Charge:
         """Charges the job's real usage (at most the hold) and waits until it is written.
 
+        ``model`` and ``pricing`` default to the hold's; a request routed to a fallback
+        model, or to a device with its own price, is charged for what served it.
         Raises BillingError (503, nothing charged) if the charge could not be written;
         the caller must then not deliver the answer as a paid one.
         """
-        pending = self._resolve(
-            hold,
-            prompt_tokens=prompt_tokens,
-            completion_tokens=completion_tokens,
+        part = BilledPart(
             device_id=device_id,
             provider_account_id=provider_account_id,
+            model=model or hold.model,
+            pricing=pricing or hold.pricing,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
         )
-        charged = pending.charged_micros
+        return await self.settle_parts(hold, [part])
+
+    async def settle_parts(self, hold: RequestHold, parts: Sequence[BilledPart]) -> Charge:
+        """Charges an answer made by several devices (a stream continued after its device
+        failed): one charge per part, each device paid for its own, together at most the
+        hold. The last part's charge carries the job id; earlier ones ``<job id>.<n>``."""
+        pendings = self._resolve_parts(hold, parts)
+        charged = sum(p.charged_micros for p in pendings)
         wallet, spend = hold.wallet, hold.spend
         in_memory = hold.ledger_hold_id is None
         if in_memory:
@@ -337,35 +362,44 @@ class Billing:
             spend.reserved -= hold.amount_micros
             spend.pending += charged
 
-        def written(future: asyncio.Future[None]) -> None:
+        def written(pending: PendingCharge, future: asyncio.Future[None]) -> None:
             # A callback, not code after the await: it runs even if the request that
             # waits for the charge is cancelled (its client left) in the meantime.
             ok = not future.cancelled() and future.exception() is None
+            amount = pending.charged_micros
             if in_memory:
                 if ok:
-                    wallet.committed_charge(charged)
+                    wallet.committed_charge(amount)
                 else:
-                    wallet.failed_charge(charged)
+                    wallet.failed_charge(amount)
             elif ok:
-                wallet.committed += hold.amount_micros - charged  # the unspent part came back
+                wallet.committed += hold.amount_micros - amount  # the unspent part came back
             if spend is not None:
-                spend.pending -= charged
+                spend.pending -= amount
                 if ok:
-                    spend.committed += charged
+                    spend.committed += amount
             if ok:
                 self._notify(pending, wallet.available)
 
-        done = self.writer.submit(pending)
-        done.add_done_callback(written)
+        futures = []
+        for pending in pendings:
+            done = self.writer.submit(pending)
+            done.add_done_callback(functools.partial(written, pending))
+            futures.append(done)
         try:
             # Shielded: a client that leaves now does not stop its charge being written.
-            await asyncio.shield(done)
+            for done in futures:
+                await asyncio.shield(done)
         except ChargeRefused as exc:
             raise BillingUnavailable(
                 "The answer could not be billed, so it is withheld; you were not charged. "
                 "Retry the request."
             ) from exc
-        return Charge(charged, pending.provider_micros, pending.platform_micros)
+        return Charge(
+            charged,
+            sum(p.provider_micros for p in pendings),
+            sum(p.platform_micros for p in pendings),
+        )
 
     def _notify(self, charge: PendingCharge, available_micros: int) -> None:
         for listener in self.listeners:
@@ -374,43 +408,45 @@ class Billing:
             except Exception:
                 log.exception("a charge listener failed")
 
-    def _resolve(
-        self,
-        hold: RequestHold,
-        *,
-        prompt_tokens: int,
-        completion_tokens: int,
-        device_id: str | None,
-        provider_account_id: str | None,
-    ) -> PendingCharge:
-        """Marks the hold resolved and prices its charge (at most the hold)."""
+    def _resolve_parts(self, hold: RequestHold, parts: Sequence[BilledPart]) -> list[PendingCharge]:
+        """Marks the hold resolved and prices its charges (together at most the hold)."""
         if hold.resolved:
             raise RuntimeError(f"hold for {hold.job_id} is already resolved")
+        if not parts:
+            raise ValueError("a settlement needs at least one part")
         hold.resolved = True
         self._open.pop(id(hold), None)
-        cost = job_cost_micros(hold.pricing, prompt_tokens, completion_tokens)
-        charged = min(cost, hold.amount_micros)
-        if hold.sandbox or provider_account_id is None:
-            provider, platform = 0, (0 if hold.sandbox else charged)
-        else:
-            provider, platform = split_earnings(charged, self._share_bps)
-        return PendingCharge(
-            job_id=hold.job_id,
-            account_id=hold.account_id,
-            key_id=hold.key_id,
-            sandbox=hold.sandbox,
-            model=hold.model,
-            device_id=device_id,
-            provider_account_id=None if hold.sandbox else provider_account_id,
-            prompt_tokens=prompt_tokens,
-            completion_tokens=completion_tokens,
-            charged_micros=charged,
-            provider_micros=provider,
-            platform_micros=platform,
-            created_at=utcnow(),
-            hold_id=hold.ledger_hold_id,
-            held_micros=hold.amount_micros,
-        )
+        left = hold.amount_micros
+        pendings: list[PendingCharge] = []
+        last = len(parts) - 1
+        for index, part in enumerate(parts):
+            cost = job_cost_micros(part.pricing, part.prompt_tokens, part.completion_tokens)
+            charged = min(cost, left)
+            left -= charged
+            if hold.sandbox or part.provider_account_id is None:
+                provider, platform = 0, (0 if hold.sandbox else charged)
+            else:
+                provider, platform = split_earnings(charged, self._share_bps)
+            pendings.append(
+                PendingCharge(
+                    job_id=hold.job_id if index == last else f"{hold.job_id}.{index + 1}",
+                    account_id=hold.account_id,
+                    key_id=hold.key_id,
+                    sandbox=hold.sandbox,
+                    model=part.model,
+                    device_id=part.device_id,
+                    provider_account_id=None if hold.sandbox else part.provider_account_id,
+                    prompt_tokens=part.prompt_tokens,
+                    completion_tokens=part.completion_tokens,
+                    charged_micros=charged,
+                    provider_micros=provider,
+                    platform_micros=platform,
+                    created_at=utcnow(),
+                    hold_id=hold.ledger_hold_id,
+                    held_micros=hold.amount_micros,
+                )
+            )
+        return pendings
 
     # -- asynchronous jobs: holds in the ledger ---------------------------------------------
     async def reopen(
@@ -451,16 +487,20 @@ class Billing:
         completion_tokens: int,
         device_id: str | None,
         provider_account_id: str | None,
+        model: str | None = None,
+        pricing: Pricing | None = None,
     ) -> Charge:
         """Settles a ledger hold in one database transaction with ``write`` (the job's
         result), so a crash leaves either both or neither."""
-        pending = self._resolve(
-            hold,
-            prompt_tokens=prompt_tokens,
-            completion_tokens=completion_tokens,
-            device_id=device_id,
-            provider_account_id=provider_account_id,
+        part = BilledPart(
+            device_id,
+            provider_account_id,
+            model or hold.model,
+            pricing or hold.pricing,
+            prompt_tokens,
+            completion_tokens,
         )
+        (pending,) = self._resolve_parts(hold, [part])
         try:
             async with self.ledger.writing() as conn:
                 await post_plan(conn, plan_batch([pending]))

@@ -205,6 +205,7 @@ class NodeAgent:
                 "node_version": __version__,
                 "device": self.facts.model_dump(),
                 "region": self.region,
+                "engine": self.backend.name,
                 "slots": self.slots,
                 "models": [m.model_dump() for m in self.loaded],
             }
@@ -342,6 +343,7 @@ class NodeAgent:
             messages=list(frame.messages),
             params=frame.params,
             stream=frame.stream,
+            continue_final=frame.continue_final,
         )
         pending: list[str] = []
         pending_tokens = 0

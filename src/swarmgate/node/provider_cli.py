@@ -41,7 +41,6 @@ from swarmgate.node.registration import (
 )
 
 ADMIN_TOKEN_ENV = "SWARMGATE_ADMIN_TOKEN"  # noqa: S105 - a variable name, not a secret
-NOT_TRACKED = "not tracked by this gateway yet"
 
 
 class ProviderCommandError(Exception):
@@ -266,9 +265,9 @@ def _status(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
         "jobs_served": None,
         "last_seen_at": None,
         "earnings": None,
-        # Not invented: the gateway does not track it yet.
         "trust_score": None,
-        "notes": [f"trust score is {NOT_TRACKED}"],
+        "trust": None,
+        "notes": [],
     }
     failure: str | None = None
     token = _admin_token(args)
@@ -297,6 +296,19 @@ def _status(args: argparse.Namespace) -> tuple[dict[str, Any], int]:
             report["earnings"] = _fetch_earnings(_urls(gateway)[0], device_token)
         except ProviderCommandError as exc:
             report["notes"].append(f"earnings: {exc}")
+        try:
+            report["trust"] = _fetch_trust(_urls(gateway)[0], device_token, "/v1/nodes/trust")
+        except ProviderCommandError as exc:
+            report["notes"].append(f"trust: {exc}")
+    if report["trust"] is None and gateway is not None and token is not None and not failure:
+        try:
+            report["trust"] = _fetch_trust(
+                _urls(gateway)[0], token, f"/admin/devices/{device_id}/trust"
+            )
+        except ProviderCommandError as exc:
+            report["notes"].append(f"trust: {exc}")
+    if report["trust"] is not None:
+        report["trust_score"] = report["trust"]["trust_score"]
     readings, guard = asyncio.run(_read_local(settings))
     report["local"] = {
         "battery_percent": readings.battery_percent,
@@ -345,6 +357,38 @@ def _fetch_earnings(api_url: str, device_token: str) -> dict[str, Any]:
     }
 
 
+def _fetch_trust(api_url: str, token: str, path: str) -> dict[str, Any]:
+    """The device's trust score and record (device token, or the admin token)."""
+    with _admin_client(api_url, token) as client:
+        body = _admin_call(client, "GET", path)
+    keys = (
+        "trust_score",
+        "trusted",
+        "verified",
+        "verified_by",
+        "suspended",
+        "suspended_reason",
+        "suspicions",
+        "canaries_passed",
+        "canaries_failed",
+    )
+    return {key: body.get(key) for key in keys}
+
+
+def _describe_trust(trust: dict[str, Any]) -> str:
+    parts = ["trusted" if trust["trusted"] else "not trusted yet (needs > 0.8)"]
+    if trust["verified"]:
+        parts.append(f"verified ({trust['verified_by']})")
+    passed, failed = trust["canaries_passed"] or 0, trust["canaries_failed"] or 0
+    if passed or failed:
+        parts.append(f"{passed} of {passed + failed} canaries passed")
+    if trust["suspended"]:
+        parts.append(f"SUSPENDED: {trust['suspended_reason']}")
+    elif trust["suspicions"]:
+        parts.append(f"{trust['suspicions']} suspicion(s)")
+    return f"{trust['trust_score']:.2f} ({'; '.join(parts)})"
+
+
 def _describe_earnings(earnings: dict[str, Any]) -> tuple[str, str]:
     jobs = earnings["all_time"]["jobs"]
     earned = (
@@ -380,7 +424,7 @@ def _print_status(report: dict[str, Any], failure: str | None) -> None:
         row("withdrawable", withdrawable)
     else:
         row("earnings", "unknown")
-    row("trust score", f"n/a ({NOT_TRACKED})")
+    row("trust score", _describe_trust(report["trust"]) if report["trust"] else "unknown")
     local = report["local"]
     row("this device", _describe_readings(local))
     guard = local["guard"]
@@ -390,7 +434,7 @@ def _print_status(report: dict[str, Any], failure: str | None) -> None:
         row("guard", f"would pause: {guard['reason']}")
     else:
         row("guard", "would serve")
-    for note in report["notes"][1:]:
+    for note in report["notes"]:
         if note != failure:
             print(f"note: {note}")
 

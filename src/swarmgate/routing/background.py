@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -18,9 +19,10 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from swarmgate.accounts.keys import Principal
 from swarmgate.billing.service import Billing, RequestHold
-from swarmgate.catalog import Catalog
+from swarmgate.catalog import Catalog, Pricing
 from swarmgate.errors import ModelNotFound, SwarmgateError
 from swarmgate.protocol import ChatMessage, SamplingParams
+from swarmgate.routing.choice import route_from_json
 from swarmgate.routing.dispatch import Execution, JobSpec
 from swarmgate.routing.joblog import attempt_rows
 from swarmgate.store.tables import api_keys, job_attempts, jobs
@@ -35,8 +37,10 @@ class BackgroundJobs:
         new_execution: Callable[[JobSpec], Execution],
         billing: Billing,
         catalog: Catalog,
+        price_of: Callable[[str | None, str], Pricing],
         workers: int = 32,
     ) -> None:
+        self._price_of = price_of
         self._engine = engine
         self._billing = billing
         self._catalog = catalog
@@ -138,10 +142,14 @@ class BackgroundJobs:
             messages=tuple(ChatMessage(**m) for m in stored["messages"]),
             params=SamplingParams(**stored["params"]),
             stream=False,
+            route=route_from_json(stored["route"]) if "route" in stored else None,
         )
         hold: RequestHold | None = None
         try:
             hold = await self._hold(row, spec)
+            if hold is not None:
+                # Only devices within what the hold covers may take the job.
+                spec = replace(spec, route=spec.routing.capped_each({spec.model: hold.pricing}))
         except SwarmgateError as exc:
             await self._finish(
                 job_id,
@@ -190,6 +198,10 @@ class BackgroundJobs:
                 completion_tokens=completion.completion_tokens,
                 device_id=device.device_id if device else None,
                 provider_account_id=device.account_id if device else None,
+                model=execution.model,
+                pricing=self._price_of(
+                    device.device_id if device else None, execution.model or spec.model
+                ),
             )
         except SwarmgateError as exc:
             await self._billing.void_in_ledger(hold)

@@ -2,9 +2,14 @@
 
 A request becomes a job; each try on one device is an attempt. Before anything has
 reached the client, a failed, timed-out or vanished device costs only a retry on a
-different device (linear backoff, bounded count, all inside a time budget). Once a
-streamed token has reached the client the answer is not silently restarted: the
-stream ends with ``StreamInterrupted``.
+different device (linear backoff, bounded count, all inside a time budget).
+
+Once streamed tokens have reached the client, the answer is never restarted. Instead
+another device *continues* it: it gets the conversation plus the text sent so far as
+the start of the assistant turn (``continue_final``) and generates the rest, which is
+spliced onto the stream, so the client sees one unbroken answer. Each device is paid
+for its part (``Execution.parts``). With ``continuation`` off, or nothing left to
+continue with, the stream ends with ``StreamInterrupted``.
 """
 
 from __future__ import annotations
@@ -28,7 +33,8 @@ from swarmgate.errors import (
     StreamInterrupted,
     SwarmgateError,
 )
-from swarmgate.protocol import ChatMessage, Delta, Done, JobError, SamplingParams
+from swarmgate.protocol import ChatMessage, Delta, Done, JobError, SamplingParams, Usage
+from swarmgate.routing.choice import Route
 from swarmgate.routing.registry import AttemptEvent, DeviceConnection, DeviceLost, DeviceRegistry
 from swarmgate.routing.states import JobState, check_job_transition
 
@@ -37,7 +43,9 @@ log = logging.getLogger("swarmgate.dispatch")
 
 # Error codes with which a healthy node declines a job (paused, draining, full): the job
 # goes elsewhere, but the device is not put in a failure cooldown for it.
-REFUSAL_CODES = frozenset({"DEVICE_PAUSED", "NODE_BUSY", "NODE_STOPPING"})
+REFUSAL_CODES = frozenset(
+    {"DEVICE_PAUSED", "NODE_BUSY", "NODE_STOPPING", "CONTINUATION_UNSUPPORTED"}
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +68,48 @@ class JobSpec:
     messages: tuple[ChatMessage, ...]
     params: SamplingParams
     stream: bool
+    # The routing controls; None: just the model, balanced.
+    route: Route | None = None
+    # Continue a stream on another device when its device fails mid-answer.
+    continuation: bool = True
+    # Internal jobs (canaries) are not billed and do not count as the device's work.
+    internal: bool = False
+
+    @property
+    def routing(self) -> Route:
+        if self.route is not None:
+            return self.route
+        return Route(models=(self.model,), max_tokens=self.params.max_tokens)
+
+
+@dataclass(slots=True)
+class Part:
+    """What one device contributed to a continued answer, for paying it."""
+
+    device_id: str
+    account_id: str
+    model: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class Observer:
+    """Told of every attempt's outcome; the trust book overrides these to score devices."""
+
+    def succeeded(
+        self,
+        device: DeviceConnection,
+        model: str,
+        ttft_ms: float | None,
+        tokens: int,
+        gen_s: float,
+        total_s: float,
+    ) -> None:
+        device.profile.observe_success(model, ttft_ms, tokens, gen_s)
+
+    def failed(self, device: DeviceConnection, model: str, outcome: str, now: float) -> None:
+        if outcome in ("failed", "timeout", "gone", "interrupted"):
+            device.profile.observe_failure(model, now)
 
 
 @dataclass(slots=True)
@@ -103,6 +153,15 @@ class Execution:
     finished_at: float | None = None
     error: SwarmgateError | None = None
     completion: Completion | None = None
+    observer: Observer = field(default_factory=Observer)
+    # The model that served (a fallback model, or the pick for "auto").
+    model: str | None = None
+    # Devices that produced part of a continued answer, in order; empty otherwise.
+    parts: list[Part] = field(default_factory=list)
+    # The route in force: after the first delivered token, pinned to the serving model.
+    _route: Route | None = None
+    # Failover ends here; a continuation gets a fresh budget from the moment it is needed.
+    _deadline: float = 0.0
 
     def _move(self, target: JobState) -> None:
         check_job_transition(self.state, target)
@@ -120,28 +179,31 @@ class Execution:
         return int((self.first_token_at - self.started) * 1000)
 
     # -- the failover loop -------------------------------------------------------------
-    async def _devices(self) -> AsyncGenerator[tuple[int, DeviceConnection], None]:
-        """Yields (attempt number, device) until the retry count or time budget runs out."""
+    async def _devices(self) -> AsyncGenerator[tuple[int, DeviceConnection, str], None]:
+        """Yields (attempt number, device, model) until the retry count or time budget
+        runs out."""
         policy = self.policy
-        deadline = self.started + policy.failover_budget_s
+        self._deadline = self.started + policy.failover_budget_s
         tried: set[str] = set()
         for number in range(1, policy.max_retries + 2):
             if number > 1:
                 backoff = policy.retry_backoff_s * (number - 1)
-                if time.monotonic() + backoff >= deadline:
+                if time.monotonic() + backoff >= self._deadline:
                     return
                 await asyncio.sleep(backoff)
-            wait_s = max(0.0, min(policy.queue_wait_s, deadline - time.monotonic()))
+            wait_s = max(0.0, min(policy.queue_wait_s, self._deadline - time.monotonic()))
+            route = self._route or self.spec.routing
             try:
-                device = await self.registry.reserve(self.spec.model, tried, wait_s)
+                found = await self.registry.reserve(route, tried, wait_s)
             except ModelWarming:
                 if number == 1:
                     raise
                 return  # every device of the model went away after a failure
-            if device is None:
+            if found is None:
                 return
+            device, model = found
             tried.add(device.device_id)
-            yield number, device
+            yield number, device, model
 
     def _final_error(self) -> SwarmgateError:
         tries = len(self.attempts)
@@ -165,16 +227,16 @@ class Execution:
         self._move(JobState.RUNNING)
         try:
             async with aclosing(self._devices()) as devices:
-                async for number, device in devices:
+                async for number, device, model in devices:
                     parts: list[str] = []
                     try:
-                        async with aclosing(self._attempt(number, device)) as events:
+                        async with aclosing(self._attempt(number, device, model)) as events:
                             async for event in events:
                                 if isinstance(event, Delta):
                                     parts.append(event.text)
                                 else:
                                     text = event.text if event.text is not None else "".join(parts)
-                                    return self._succeed(device, event, text)
+                                    return self._succeed(device, model, event, text)
                     except _AttemptFailed:
                         continue
             raise self._final_error()
@@ -186,46 +248,111 @@ class Execution:
             raise
 
     async def stream(self) -> AsyncGenerator[Delta | Done, None]:
-        """Yields the answer's deltas, then its Done. Fails over until the first delta is out."""
+        """Yields the answer's deltas, then its Done. Fails over until the first delta is
+        out; after that, continues the answer on another device (see the module doc)."""
         self._move(JobState.RUNNING)
-        delivered = False
+        sent: list[str] = []  # the text the client has, across devices
+        sent_tokens = 0
         try:
             async with aclosing(self._devices()) as devices:
-                async for number, device in devices:
+                async for number, device, model in devices:
+                    prefix = "".join(sent) if sent else None
+                    part_tokens = 0
                     try:
-                        async with aclosing(self._attempt(number, device)) as events:
+                        attempt = self._attempt(number, device, model, prefix, sent_tokens)
+                        async with aclosing(attempt) as events:
                             async for event in events:
                                 if isinstance(event, Delta):
-                                    delivered = True
+                                    if not sent:
+                                        # Continuations stay on the model that started it.
+                                        self._route = _pinned(self.spec.routing, model)
+                                    sent.append(event.text)
+                                    part_tokens += event.tokens
                                     yield event
                                     continue
                                 text = event.text or ""
-                                if text and not delivered:
+                                if text and part_tokens == 0:
                                     # A device that ignored stream=True still gets its text out.
-                                    delivered = True
+                                    sent.append(text)
                                     yield Delta(type="delta", job_id=event.job_id, text=text)
-                                self._succeed(device, event, None)
+                                if self.parts:
+                                    event = self._joined(device, model, event)
+                                self._succeed(device, model, event, None)
                                 yield event
                                 return
                     except _AttemptFailed as failure:
-                        if delivered:
+                        if not sent:
+                            continue
+                        if part_tokens:
                             self.attempts[-1].outcome = "interrupted"
+                            self.parts.append(
+                                Part(device.device_id, device.account_id, model, 0, part_tokens)
+                            )
+                        sent_tokens += part_tokens
+                        if not self.spec.continuation or sent_tokens >= self.spec.params.max_tokens:
                             raise StreamInterrupted(
                                 "The device serving this stream failed after part of the answer "
                                 f"was sent ({failure.code}). The answer is incomplete."
                             ) from failure
+                        self._deadline = time.monotonic() + self.policy.failover_budget_s
+                        log.info(
+                            "continuing a stream on another device",
+                            extra={"job_id": self.spec.job_id, "attempt": number},
+                        )
                         continue
+            if sent:
+                raise StreamInterrupted(
+                    "The device serving this stream failed after part of the answer was sent, "
+                    "and no other device could continue it. The answer is incomplete."
+                )
             raise self._final_error()
         except SwarmgateError as exc:
+            if sent and not isinstance(exc, StreamInterrupted):
+                # No device could take the continuation (all busy, say): the answer stops.
+                interrupted = StreamInterrupted(
+                    "The device serving this stream failed after part of the answer was sent, "
+                    f"and no other device could continue it ({exc.code}). The answer is "
+                    "incomplete."
+                )
+                self._fail(interrupted)
+                raise interrupted from exc
             self._fail(exc)
             raise
         except (asyncio.CancelledError, GeneratorExit):
             self._cancel()
             raise
 
+    def _joined(self, device: DeviceConnection, model: str, done: Done) -> Done:
+        """The last device's Done, with usage for the whole answer: the prompt once (the
+        continuing device's prompt less the text it was given) and every part's tokens."""
+        earlier = sum(part.completion_tokens for part in self.parts)
+        prompt = max(0, done.usage.prompt_tokens - earlier)
+        first = self.parts[0]
+        self.parts[0] = Part(
+            first.device_id, first.account_id, first.model, prompt, first.completion_tokens
+        )
+        self.parts.append(
+            Part(device.device_id, device.account_id, model, 0, done.usage.completion_tokens)
+        )
+        usage = Usage(
+            prompt_tokens=prompt, completion_tokens=earlier + done.usage.completion_tokens
+        )
+        return Done(
+            type="done",
+            job_id=done.job_id,
+            finish_reason=done.finish_reason,
+            usage=usage,
+            text=done.text,
+        )
+
     # -- one attempt --------------------------------------------------------------------
     async def _attempt(
-        self, number: int, device: DeviceConnection
+        self,
+        number: int,
+        device: DeviceConnection,
+        model: str,
+        prefix: str | None = None,
+        used_tokens: int = 0,
     ) -> AsyncGenerator[Delta | Done, None]:
         spec = self.spec
         attempt_id = f"{spec.job_id}.{number}"
@@ -247,7 +374,7 @@ class Execution:
         self.attempts.append(record)
         try:
             try:
-                device.send(_job_frame(spec, attempt_id))
+                device.send(_job_frame(spec, attempt_id, model, prefix, used_tokens))
             except DeviceGone as exc:
                 raise _AttemptFailed("gone", "DEVICE_GONE", str(exc)) from exc
             timeout = self.policy.first_token_timeout_s
@@ -269,11 +396,16 @@ class Execution:
                     yield event
                 elif isinstance(event, Done):
                     outcome = "succeeded"
-                    device.observe_success(
+                    done_at = time.monotonic()
+                    self.observer.succeeded(
+                        device,
+                        model,
                         (first_at - started) * 1000,
                         event.usage.completion_tokens,
-                        time.monotonic() - first_at,
+                        done_at - first_at,
+                        done_at - started,
                     )
+                    self.registry.measured(device, model)
                     yield event
                     return
                 elif isinstance(event, JobError):
@@ -283,8 +415,8 @@ class Execution:
                     raise _AttemptFailed("gone", "DEVICE_GONE", event.reason)
         except _AttemptFailed as failure:
             outcome, code = failure.outcome, failure.code
-            if outcome != "refused":  # a device that declines a job has not failed it
-                device.observe_failure(time.monotonic())
+            # A device that declines a job (refused) has not failed it.
+            self.observer.failed(device, model, outcome, time.monotonic())
             log.info(
                 "attempt failed",
                 extra={
@@ -310,7 +442,9 @@ class Execution:
             record.duration_ms = int((time.monotonic() - started) * 1000)
 
     # -- endings ------------------------------------------------------------------------
-    def _succeed(self, device: DeviceConnection, done: Done, text: str | None) -> Completion:
+    def _succeed(
+        self, device: DeviceConnection, model: str, done: Done, text: str | None
+    ) -> Completion:
         self.finished_at = time.monotonic()
         self._move(JobState.SUCCEEDED)
         self.completion = Completion(
@@ -320,6 +454,9 @@ class Execution:
             completion_tokens=done.usage.completion_tokens,
         )
         self.device = device
+        self.model = model
+        if not self.spec.internal:
+            device.jobs_served += 1
         return self.completion
 
     def _fail(self, error: SwarmgateError) -> None:
@@ -334,17 +471,40 @@ class Execution:
             self._move(JobState.CANCELLED)
 
 
-def _job_frame(spec: JobSpec, attempt_id: str) -> str:
-    return orjson.dumps(
-        {
-            "type": "job",
-            "job_id": attempt_id,
-            "model": spec.model,
-            "messages": [{"role": m.role, "content": m.content} for m in spec.messages],
-            "params": spec.params.model_dump(),
-            "stream": spec.stream,
-        }
-    ).decode()
+def _pinned(route: Route, model: str) -> Route:
+    """``route`` narrowed to one model: a continuation must use the model that started."""
+    return Route(
+        models=(model,),
+        tier=route.tier,
+        trusted_only=route.trusted_only,
+        verified_only=route.verified_only,
+        max_latency_ms=None,  # a continuation takes whoever can finish the answer
+        allow=route.allow,
+        deny=route.deny,
+        max_price=route.max_price,
+        prompt_tokens=route.prompt_tokens,
+        max_tokens=route.max_tokens,
+    )
+
+
+def _job_frame(
+    spec: JobSpec, attempt_id: str, model: str, prefix: str | None, used_tokens: int
+) -> str:
+    messages = [{"role": m.role, "content": m.content} for m in spec.messages]
+    params = spec.params.model_dump()
+    frame: dict[str, object] = {
+        "type": "job",
+        "job_id": attempt_id,
+        "model": model,
+        "messages": messages,
+        "params": params,
+        "stream": spec.stream,
+    }
+    if prefix is not None:
+        messages.append({"role": "assistant", "content": prefix})
+        params["max_tokens"] = spec.params.max_tokens - used_tokens
+        frame["continue_final"] = True
+    return orjson.dumps(frame).decode()
 
 
 def _send_cancel(device: DeviceConnection, attempt_id: str) -> None:

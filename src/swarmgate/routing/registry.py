@@ -1,20 +1,37 @@
 """Connected devices, indexed by model, with slot accounting and a bounded wait queue.
 
 The registry is in-process here; the scale-out mode puts presence in Redis behind
-the same calls. Choosing among candidates is the pure ``pick_device``.
+the same calls. Choosing among candidates is the pure ``routing.choice.choose``; the
+registry keeps its index (a ``ModelPool`` per model) current as devices come, go,
+fill and free their slots.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 
-from swarmgate.errors import DeviceGone, DevicesBusy, ModelWarming
+from swarmgate.catalog import Pricing
+from swarmgate.errors import DeviceGone, DevicesBusy, ModelWarming, NoDeviceMatches
 from swarmgate.protocol import Delta, Done, JobError
+from swarmgate.routing.choice import (
+    PASS,
+    SCAN_LIMIT,
+    Decision,
+    ModelPool,
+    Picked,
+    Rejected,
+    Route,
+    choose,
+    dearer,
+    failed_constraint,
+)
+from swarmgate.routing.profile import DeviceProfile
 from swarmgate.routing.states import ConnectionState, check_connection_transition
 
 
@@ -29,12 +46,6 @@ class DeviceLost:
 AttemptEvent = Delta | Done | JobError | DeviceLost
 
 
-# Decaying averages: recent behaviour counts most, one outlier does not dominate.
-_EWMA_ALPHA = 0.2
-_COOLDOWN_BASE_S = 2.0
-_COOLDOWN_CAP_S = 60.0
-
-
 @dataclass(eq=False)
 class DeviceConnection:
     device_id: str
@@ -46,6 +57,8 @@ class DeviceConnection:
     node_version: str = ""
     state: ConnectionState = ConnectionState.CONNECTING
     pause_reason: str | None = None
+    # What the gateway knows of this device; outlives the connection.
+    profile: DeviceProfile = field(default=None)  # type: ignore[assignment]
     # Attempt id → the channel its frames go to.
     active: dict[str, asyncio.Queue[AttemptEvent]] = field(default_factory=dict)
     # Frames for the device leave through one writer task, so sends never interleave.
@@ -54,19 +67,28 @@ class DeviceConnection:
     recent: deque[str] = field(default_factory=lambda: deque(maxlen=256))
     last_seen: float = field(default_factory=time.monotonic)
     connected_at: float = field(default_factory=time.monotonic)
-    ewma_ttft_ms: float | None = None
-    ewma_tokens_per_s: float | None = None
-    jobs_served: int = 0
-    consecutive_failures: int = 0
-    cooldown_until: float = 0.0
+    jobs_served: int = 0  # this connection
     close_code: int = 1000
     close_reason: str = ""
     # Models the device is downloading or loading; they make a request "warming", not lost.
     warming: frozenset[str] = frozenset()
+    # The index entries this device is in; kept current as its slots and state change.
+    pools: list[ModelPool] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.profile is None:
+            self.profile = DeviceProfile(device_id=self.device_id, account_id=self.account_id)
 
     def transition(self, target: ConnectionState) -> None:
         check_connection_transition(self.state, target)
         self.state = target
+        self.reindex()
+
+    def reindex(self) -> None:
+        """Keeps this device in its pools' free sets exactly while it can take a job
+        (and in the trusted and verified ones while it also is that)."""
+        for pool in self.pools:
+            pool.place(self)
 
     def send(self, text: str) -> None:
         """Queues a frame for the device; raises DeviceGone once the connection is closed."""
@@ -78,6 +100,8 @@ class DeviceConnection:
         self.active[attempt_id] = channel
         if self.state is ConnectionState.READY and self.free_slots <= 0:
             self.transition(ConnectionState.BUSY)
+        elif self.free_slots <= 0:
+            self.reindex()
 
     def vacate(self, attempt_id: str) -> bool:
         if self.active.pop(attempt_id, None) is None:
@@ -85,6 +109,8 @@ class DeviceConnection:
         self.recent.append(attempt_id)
         if self.state is ConnectionState.BUSY and self.free_slots > 0:
             self.transition(ConnectionState.READY)
+        elif self.free_slots == 1:
+            self.reindex()
         return True
 
     def close(self, reason: str) -> None:
@@ -104,65 +130,59 @@ class DeviceConnection:
 
     @property
     def accepting(self) -> bool:
-        return self.state in (ConnectionState.READY, ConnectionState.BUSY) and self.free_slots > 0
-
-    def observe_success(self, ttft_ms: float | None, tokens: int, gen_s: float) -> None:
-        self.jobs_served += 1
-        self.consecutive_failures = 0
-        self.cooldown_until = 0.0
-        if ttft_ms is not None:
-            self.ewma_ttft_ms = _ewma(self.ewma_ttft_ms, ttft_ms)
-        if tokens > 1 and gen_s > 0:
-            self.ewma_tokens_per_s = _ewma(self.ewma_tokens_per_s, tokens / gen_s)
-
-    def observe_failure(self, now: float) -> None:
-        self.consecutive_failures += 1
-        backoff = _COOLDOWN_BASE_S * 2 ** (self.consecutive_failures - 1)
-        self.cooldown_until = now + min(backoff, _COOLDOWN_CAP_S)
-
-
-def _ewma(current: float | None, sample: float) -> float:
-    return sample if current is None else current + _EWMA_ALPHA * (sample - current)
-
-
-def pick_device(
-    candidates: Iterable[DeviceConnection],
-    exclude: frozenset[str] | set[str] = frozenset(),
-    now: float | None = None,
-) -> DeviceConnection | None:
-    """Least loaded first, then fastest observed first token; devices cooling down after
-    failures are used only when nothing else can take the job."""
-    now = time.monotonic() if now is None else now
-    best: DeviceConnection | None = None
-    best_key: tuple[int, float, float] | None = None
-    for device in candidates:
-        if device.device_id in exclude or not device.accepting:
-            continue
-        cooling = 1 if device.cooldown_until > now else 0
-        load = len(device.active) / device.slots
-        ttft = device.ewma_ttft_ms if device.ewma_ttft_ms is not None else 0.0
-        key = (cooling, load, ttft)
-        if best_key is None or key < best_key:
-            best, best_key = device, key
-    return best
+        return (
+            self.state in (ConnectionState.READY, ConnectionState.BUSY)
+            and self.free_slots > 0
+            and self.profile.suspended_reason is None
+        )
 
 
 class DeviceRegistry:
     def __init__(
         self,
+        pricing_of: Callable[[str], Pricing | None] = lambda _model: None,
         max_waiters_per_model: int = 1024,
         warming_retry_after_s: int = 300,
         downloading_retry_after_s: int = 30,
+        rng: random.Random | None = None,
     ) -> None:
         self._by_id: dict[str, DeviceConnection] = {}
-        self._by_model: dict[str, set[DeviceConnection]] = {}
+        self._pools: dict[str, ModelPool] = {}
+        self._pricing_of = pricing_of
         self._warming: dict[str, set[str]] = {}
         self._waiters: dict[str, deque[asyncio.Future[None]]] = {}
         self._max_waiters = max_waiters_per_model
         self._warming_retry_after_s = warming_retry_after_s
         self._downloading_retry_after_s = downloading_retry_after_s
+        self._rng = rng or random.Random()
 
     # -- membership -------------------------------------------------------------------
+    def _pool(self, model: str) -> ModelPool:
+        pool = self._pools.get(model)
+        if pool is None:
+            pricing = self._pricing_of(model) or _FREE
+            pool = self._pools[model] = ModelPool(model, pricing)
+        return pool
+
+    def _join(self, device: DeviceConnection, model: str) -> None:
+        pool = self._pool(model)
+        pool.add(device)
+        device.pools.append(pool)
+        stats = device.profile.stats.get(model)
+        if stats is None or not stats.measured:
+            pool.unmeasured.add(device)
+        pool.place(device)
+
+    def _leave(self, device: DeviceConnection, model: str) -> None:
+        pool = self._pools.get(model)
+        if pool is None:
+            return
+        pool.discard(device)
+        with contextlib.suppress(ValueError):
+            device.pools.remove(pool)
+        if not pool.members:
+            del self._pools[model]
+
     def add(self, device: DeviceConnection) -> DeviceConnection | None:
         """Registers a ready device; returns the connection it replaces, if any."""
         previous = self._by_id.get(device.device_id)
@@ -170,7 +190,7 @@ class DeviceRegistry:
             self.remove(previous)
         self._by_id[device.device_id] = device
         for model in device.models:
-            self._by_model.setdefault(model, set()).add(device)
+            self._join(device, model)
         self._wake(device.models)
         return previous
 
@@ -179,27 +199,31 @@ class DeviceRegistry:
             del self._by_id[device.device_id]
             self.set_warming(device, frozenset())
         for model in device.models:
-            members = self._by_model.get(model)
-            if members is not None:
-                members.discard(device)
-                if not members:
-                    del self._by_model[model]
+            self._leave(device, model)
 
     def update_models(self, device: DeviceConnection, models: frozenset[str]) -> None:
         """Re-indexes a connected device whose set of served models changed."""
         if self._by_id.get(device.device_id) is not device:
             return
         for model in device.models - models:
-            members = self._by_model.get(model)
-            if members is not None:
-                members.discard(device)
-                if not members:
-                    del self._by_model[model]
+            self._leave(device, model)
         added = models - device.models
         device.models = models
         for model in added:
-            self._by_model.setdefault(model, set()).add(device)
+            self._join(device, model)
         self._wake(added)
+
+    def repriced(self, device: DeviceConnection) -> None:
+        """Called after a connected device's prices changed."""
+        for pool in device.pools:
+            pool.ceiling = dearer(pool.ceiling, pool.price_of(device))
+
+    def measured(self, device: DeviceConnection, model: str) -> None:
+        """Called after a device's stats for ``model`` changed: it may leave the unmeasured."""
+        stats = device.profile.stats.get(model)
+        pool = self._pools.get(model)
+        if pool is not None and stats is not None and stats.measured:
+            pool.unmeasured.discard(device)
 
     def set_warming(self, device: DeviceConnection, models: frozenset[str]) -> None:
         for model in device.warming - models:
@@ -222,50 +246,88 @@ class DeviceRegistry:
         return list(self._by_id.values())
 
     def has_model(self, model: str) -> bool:
-        return bool(self._by_model.get(model))
+        return model in self._pools
 
     def model_counts(self) -> dict[str, int]:
-        return {model: len(members) for model, members in self._by_model.items()}
+        return {model: len(pool.members) for model, pool in self._pools.items()}
+
+    def served_models(self) -> list[str]:
+        return sorted(self._pools)
+
+    # -- choosing -----------------------------------------------------------------------
+    def pools_for(self, route: Route) -> list[ModelPool]:
+        return [pool for model in route.models if (pool := self._pools.get(model)) is not None]
+
+    def decide(self, route: Route, exclude: frozenset[str] | set[str]) -> Decision:
+        decision = choose(self.pools_for(route), route, exclude, time.monotonic(), self._rng)
+        if isinstance(decision, Picked) and not decision.explored:
+            pool = self._pools.get(decision.model)
+            if pool is not None and len(pool.free) > SCAN_LIMIT:
+                pool.hot.append(decision.device)
+        return decision
+
+    def check(self, route: Route) -> list[ModelPool]:
+        """The pools a request could use, or the error that says why none can (fail fast).
+
+        Cheap for the common case; raises ``ModelWarming`` when no device has any of the
+        route's models and ``NoDeviceMatches`` when the constraints leave no device.
+        """
+        pools = self.pools_for(route)
+        if not pools:
+            raise self._warming_error(route.models)
+        for pool in pools:
+            for device in pool.free:
+                if failed_constraint(device, pool, route) == PASS:
+                    return pools
+                break  # one look at the free set: the full answer is choose's job
+        decision = choose(pools, route, frozenset(), time.monotonic(), self._rng)
+        if isinstance(decision, Rejected):
+            raise NoDeviceMatches(decision.message, param=decision.param, code=decision.code)
+        return pools
+
+    def _warming_error(self, models: tuple[str, ...]) -> ModelWarming:
+        named = ", ".join(repr(m) for m in models) or "any model"
+        downloading = sum(self.warming_count(model) for model in models)
+        if downloading:
+            return ModelWarming(
+                f"Model {named} is being downloaded by {downloading} device(s) and is "
+                "not servable yet. Retry shortly.",
+                retry_after=self._downloading_retry_after_s,
+            )
+        return ModelWarming(
+            f"No device has model {named} loaded right now. Retry later.",
+            retry_after=self._warming_retry_after_s,
+        )
 
     # -- slots ----------------------------------------------------------------------
-    def try_reserve(
-        self, model: str, exclude: frozenset[str] | set[str]
-    ) -> DeviceConnection | None:
-        return pick_device(self._by_model.get(model, ()), exclude)
-
     async def reserve(
-        self, model: str, exclude: frozenset[str] | set[str], wait_s: float
-    ) -> DeviceConnection | None:
-        """A device with a free slot for ``model``, waiting up to ``wait_s`` when all are busy.
+        self, route: Route, exclude: frozenset[str] | set[str], wait_s: float
+    ) -> tuple[DeviceConnection, str] | None:
+        """A device with a free slot (and the model it serves the request with), waiting
+        up to ``wait_s`` when every eligible device is busy.
 
-        Returns None when no untried device has the model; raises ``ModelWarming`` when no
-        device has it at all and ``DevicesBusy`` when the wait ran out or the queue is full.
+        Returns None when no untried device can take the request. Raises ``ModelWarming``
+        when no device has any of its models, ``NoDeviceMatches`` when the request's
+        constraints leave no device, and ``DevicesBusy`` when the wait ran out or the
+        queue is full.
         """
-        device = self.try_reserve(model, exclude)
-        if device is not None:
-            return device
-        if not self._by_model.get(model):
-            downloading = self.warming_count(model)
-            if downloading:
-                raise ModelWarming(
-                    f"Model {model!r} is being downloaded by {downloading} device(s) and is "
-                    "not servable yet. Retry shortly.",
-                    retry_after=self._downloading_retry_after_s,
-                )
-            raise ModelWarming(
-                f"No device has model {model!r} loaded right now. Retry later.",
-                retry_after=self._warming_retry_after_s,
-            )
+        if not self.pools_for(route):
+            raise self._warming_error(route.models)
         deadline = time.monotonic() + wait_s
-        waiters = self._waiters.setdefault(model, deque())
         while True:
-            members = self._by_model.get(model, set())
-            if not any(d.device_id not in exclude for d in members):
-                return None
+            decision = self.decide(route, exclude)
+            if isinstance(decision, Picked):
+                return decision.device, decision.model
+            if isinstance(decision, Rejected):
+                if exclude:
+                    return None  # the untried devices cannot take it: failover is over
+                raise NoDeviceMatches(decision.message, param=decision.param, code=decision.code)
+            key = decision.models[0]
+            waiters = self._waiters.setdefault(key, deque())
             remaining = deadline - time.monotonic()
             if remaining <= 0 or len(waiters) >= self._max_waiters:
                 raise DevicesBusy(
-                    f"Every device serving {model!r} is busy. Retry shortly.", retry_after=1
+                    f"Every device able to serve {key!r} is busy. Retry shortly.", retry_after=1
                 )
             future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             waiters.append(future)
@@ -278,9 +340,6 @@ class DeviceRegistry:
                     future.cancel()
                 with contextlib.suppress(ValueError):
                     waiters.remove(future)
-            device = self.try_reserve(model, exclude)
-            if device is not None:
-                return device
 
     def slot_freed(self, device: DeviceConnection) -> None:
         self._wake(device.models, limit=device.free_slots)
@@ -294,3 +353,6 @@ class DeviceRegistry:
                 if not future.done():
                     future.set_result(None)
                     woken += 1
+
+
+_FREE = Pricing(input_per_1m_micros=0, output_per_1m_micros=0)

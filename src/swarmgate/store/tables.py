@@ -8,6 +8,7 @@ from sqlalchemy import (
     CheckConstraint,
     Column,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -98,7 +99,31 @@ devices = Table(
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("last_seen_at", DateTime(timezone=True)),
     Column("revoked_at", DateTime(timezone=True)),
+    # What routing and trust learned (routing/profile.py, trust/book.py).
+    Column("engine", String(50)),
+    Column("jobs_served", Integer, nullable=False, default=0, server_default="0"),
+    Column("jobs_failed", Integer, nullable=False, default=0, server_default="0"),
+    Column("canaries_passed", Integer, nullable=False, default=0, server_default="0"),
+    Column("canaries_failed", Integer, nullable=False, default=0, server_default="0"),
+    Column("suspicions", Integer, nullable=False, default=0, server_default="0"),
+    Column("last_suspicion", String(64)),
+    Column("suspended_reason", String(200)),
+    Column("suspended_at", DateTime(timezone=True)),
+    Column("verified_by", String(40)),  # play_integrity | admin | ...
+    Column("verified_at", DateTime(timezone=True)),
+    Column("trust_score", Float, nullable=False, default=0.0, server_default="0"),
     Index("ix_devices_account", "account_id"),
+)
+
+# A provider's own price for a model on one device, within the gateway's bounds.
+device_prices = Table(
+    "device_prices",
+    metadata,
+    Column("device_id", String(40), ForeignKey("devices.id", ondelete="CASCADE"), primary_key=True),
+    Column("model", String(200), primary_key=True),
+    Column("input_per_1m_micros", BigInteger, nullable=False),
+    Column("output_per_1m_micros", BigInteger, nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
 )
 
 jobs = Table(

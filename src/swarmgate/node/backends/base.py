@@ -26,6 +26,8 @@ class GenerationRequest:
     params: SamplingParams
     # Non-streamed jobs may be generated in one go; streamed ones yield per token.
     stream: bool = True
+    # The last message is a partial assistant answer: generate its continuation only.
+    continue_final: bool = False
 
 
 @dataclass(frozen=True, slots=True)

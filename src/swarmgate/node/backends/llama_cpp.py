@@ -361,13 +361,30 @@ def _special_text(llm: Llama, token: int) -> str:
 
 
 def _prompt_tokens(
-    llm: Llama, formatter: Jinja2ChatFormatter, messages: list[ChatMessage]
+    llm: Llama,
+    formatter: Jinja2ChatFormatter,
+    messages: list[ChatMessage],
+    continue_final: bool = False,
 ) -> list[int]:
+    """The prompt through the model's chat template, with the assistant turn opened.
+
+    For a continuation the last message is the partial answer: the conversation before
+    it is rendered (ending with the opened assistant turn) and the partial text follows
+    verbatim, so generation picks up mid-answer instead of starting a new turn.
+    """
+    partial = ""
+    if continue_final and messages and messages[-1].role == "assistant":
+        partial = messages[-1].content
+        messages = messages[:-1]
     chat: Any = [{"role": m.role, "content": m.content} for m in messages]
     rendered = formatter(messages=chat)
     # The template writes BOS and the role markers itself, so no extra BOS and
     # special tokens are parsed as such.
-    return llm.tokenize(rendered.prompt.encode("utf-8"), add_bos=False, special=True)
+    tokens: list[int] = llm.tokenize(rendered.prompt.encode("utf-8"), add_bos=False, special=True)
+    if partial:
+        # Model output is plain text: nothing in it may become a control token.
+        tokens += llm.tokenize(partial.encode("utf-8"), add_bos=False, special=False)
+    return tokens
 
 
 def _end_of_generation(llm: Llama) -> Callable[[int], bool]:
@@ -456,7 +473,7 @@ def _generate_blocking(
     emit: EventSink,
 ) -> None:
     """Runs on the worker thread: one ``TokenDelta`` per generated token, then ``Finished``."""
-    prompt = _prompt_tokens(llm, formatter, request.messages)
+    prompt = _prompt_tokens(llm, formatter, request.messages, request.continue_final)
     room = n_ctx - len(prompt)
     if room <= 0:
         raise BackendError(

@@ -130,6 +130,13 @@ class OpenAIHTTPBackend:
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
         if request.model not in self._loaded:
             raise BackendError(f"model {request.model!r} is not loaded", code="MODEL_NOT_LOADED")
+        if request.continue_final:
+            # The chat API has no portable way to continue an assistant turn (servers
+            # that ignore a trailing assistant message would start a new answer), so
+            # this device declines and the gateway asks another.
+            raise BackendError(
+                "this backend cannot continue a partial answer", code="CONTINUATION_UNSUPPORTED"
+            )
         url = f"{self.base_url}/chat/completions"
         state = _StreamState()
         try:

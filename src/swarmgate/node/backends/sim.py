@@ -3,7 +3,12 @@ all drive the same fake.
 
 The text is derived from the prompt (same prompt and model, same answer), paced by
 a time to first token and a token rate, and faults are injected on request: a fail
-rate, an error or a dropped connection after N tokens, or a hang.
+rate, an error or a dropped connection after N tokens, or a hang. A "liar" (``serve_as``)
+claims one model and answers as another, for testing canaries.
+
+A continuation (``continue_final``) gets the answer an honest sim device gives to the
+conversation without the partial text, minus the words already given, so two devices
+that split an answer produce exactly what one would have.
 """
 
 from __future__ import annotations
@@ -85,6 +90,7 @@ class SimConfig:
     die_after_tokens: int | None = None  # drop the whole connection after N tokens
     hang: bool = False  # accept jobs and never answer
     rng_seed: int | None = None
+    serve_as: str | None = None  # answer as this model while claiming the requested one
 
 
 def sim_answer(model: str, prompt_key: str, seed: int | None, n_tokens: int) -> list[str]:
@@ -92,6 +98,17 @@ def sim_answer(model: str, prompt_key: str, seed: int | None, n_tokens: int) -> 
     digest = hashlib.sha256(f"{model}\x00{seed}\x00{prompt_key}".encode()).digest()
     rng = random.Random(digest)
     return [(" " if i else "") + rng.choice(_WORDS) for i in range(n_tokens)]
+
+
+def _words_given(full: list[str], partial: str) -> int:
+    """How many words of ``full`` the partial text holds: the longest prefix that spells
+    it, else its word count."""
+    text = ""
+    for index, word in enumerate(full):
+        if text == partial:
+            return index
+        text += word
+    return len(full) if text == partial else min(len(full), len(partial.split()))
 
 
 def estimate_prompt_tokens(texts: list[str]) -> int:
@@ -128,10 +145,18 @@ class SimBackend:
         if cfg.ttft_ms:
             await asyncio.sleep(cfg.ttft_ms / 1000)
 
-        contents = [m.content for m in request.messages]
-        n_tokens = min(cfg.length, request.params.max_tokens)
-        words = sim_answer(request.model, "\x01".join(contents), request.params.seed, n_tokens)
-        finish_reason: str = "length" if request.params.max_tokens < cfg.length else "stop"
+        messages = list(request.messages)
+        partial = ""
+        if request.continue_final and messages and messages[-1].role == "assistant":
+            partial = messages.pop().content
+        contents = [m.content for m in messages]
+        model = cfg.serve_as or request.model
+        full = sim_answer(model, "\x01".join(contents), request.params.seed, cfg.length)
+        skip = _words_given(full, partial) if partial else 0
+        left = len(full) - skip
+        n_tokens = min(left, request.params.max_tokens)
+        words = full[skip : skip + n_tokens]  # past the first, each word has its space
+        finish_reason: str = "length" if request.params.max_tokens < left else "stop"
         gap = 1.0 / cfg.tokens_per_s if cfg.tokens_per_s else 0.0
 
         produced = 0
@@ -148,7 +173,7 @@ class SimBackend:
             raise DropConnection("simulated device death")
         yield Finished(
             finish_reason="length" if finish_reason == "length" else "stop",
-            prompt_tokens=estimate_prompt_tokens(contents),
+            prompt_tokens=estimate_prompt_tokens(contents) + (skip if partial else 0),
             completion_tokens=produced,
         )
 

@@ -1,0 +1,1 @@
+"""Device trust: scores, suspicions, known-answer canaries and integrity attestations."""
