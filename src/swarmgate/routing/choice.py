@@ -44,6 +44,7 @@ import random
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
+from itertools import islice
 from typing import TYPE_CHECKING, Any, Literal
 
 from swarmgate.catalog import Pricing
@@ -490,11 +491,13 @@ def _pick_in_pool(
     )
     if len(free) <= SCAN_LIMIT:
         return _best(free, pool, route, exclude, now, known_free=True)
-    hot = _best(pool.hot, pool, route, exclude, now) if pool.hot else None
-    for _ in range(RESAMPLES):
-        found = _best(free.sample(rng, sample), pool, route, exclude, now, known_free=True)
-        if hot is not None and (found is None or hot[:2] < found[:2]):
-            found = hot
+    for attempt in range(RESAMPLES):
+        candidates = free.sample(rng, sample)
+        if attempt == 0 and pool.hot:
+            # The most recent winners join the first draw (as many as it has; they may
+            # have filled up since, so they are checked like any listed device).
+            candidates.extend(d for d in islice(reversed(pool.hot), sample) if d.accepting)
+        found = _best(candidates, pool, route, exclude, now, known_free=True)
         if found is not None and found[0] < COOLING:
             return found
     # Rare: samples with no usable device. The scan finds one if there is any.
