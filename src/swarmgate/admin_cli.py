@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from collections.abc import Awaitable, Callable
 from decimal import Decimal, InvalidOperation
@@ -18,8 +19,9 @@ from swarmgate.accounts import service
 from swarmgate.billing.ledger import Ledger
 from swarmgate.catalog import Catalog
 from swarmgate.config import GatewaySettings
-from swarmgate.errors import SwarmgateError
+from swarmgate.errors import RequestError, SwarmgateError
 from swarmgate.store.db import create_engine, migrate
+from swarmgate.vault.crypto import VaultError
 
 # Micro-dollars are stored in signed 64-bit columns: the most that can be stored at all.
 # (The service applies its own, lower, business limits.)
@@ -99,6 +101,21 @@ def add_admin_parser(sub: Any) -> None:
     models = groups.add_parser("models").add_subparsers(dest="action", required=True)
     models.add_parser("list").set_defaults(run=_models_list)
 
+    vault = groups.add_parser("vault").add_subparsers(dest="action", required=True)
+    rotate = vault.add_parser(
+        "rotate",
+        help="re-encrypt every vault record under a new master secret",
+        description=(
+            "Opens every record with SWARMGATE_VAULT_MASTER_SECRET and seals it again with "
+            "the secret in the environment variable --new-secret-env names (kept out of the "
+            "command line). Then set SWARMGATE_VAULT_MASTER_SECRET and "
+            "SWARMGATE_VAULT_KEY_VERSION to the new values and restart the gateway."
+        ),
+    )
+    rotate.add_argument("--new-secret-env", required=True, metavar="NAME")
+    rotate.add_argument("--new-version", type=int, help="default: the current version + 1")
+    rotate.set_defaults(run=_vault_rotate)
+
     admin.set_defaults(func=run_admin)
 
 
@@ -110,6 +127,7 @@ def run_admin(args: argparse.Namespace) -> int:
         overrides["database_url"] = args.database_url
     settings = GatewaySettings(**overrides)
     runner: Callable[[Any, argparse.Namespace], Awaitable[dict[str, Any]]] = args.run
+    args.settings = settings
 
     async def main() -> dict[str, Any]:
         engine = create_engine(settings.database_url)
@@ -222,6 +240,28 @@ async def _devices_create(engine: Any, args: argparse.Namespace) -> dict[str, An
 
 async def _devices_list(engine: Any, _args: argparse.Namespace) -> dict[str, Any]:
     return {"object": "list", "data": await service.list_devices(engine)}
+
+
+async def _vault_rotate(engine: Any, args: argparse.Namespace) -> dict[str, Any]:
+    from swarmgate.vault.crypto import VaultCipher
+    from swarmgate.vault.store import rotate_master
+
+    settings: GatewaySettings = args.settings
+    if not settings.vault_master_secret:
+        raise RequestError("SWARMGATE_VAULT_MASTER_SECRET (the current secret) is not set.")
+    new_secret = os.environ.get(args.new_secret_env, "")
+    if len(new_secret) < 32:
+        raise RequestError(f"${args.new_secret_env} must hold the new secret (32+ characters).")
+    old = VaultCipher(settings.vault_master_secret, key_version=settings.vault_key_version)
+    version = args.new_version or settings.vault_key_version + 1
+    new = VaultCipher(new_secret, key_version=version)
+    if old.same_master(new):
+        raise RequestError("The new secret is the same as the current one.")
+    try:
+        count = await rotate_master(engine, old, new)
+    except VaultError as exc:
+        raise RequestError(str(exc)) from exc
+    return {"rotated": count, "key_version": version}
 
 
 async def _models_list(_engine: Any, _args: argparse.Namespace) -> dict[str, Any]:

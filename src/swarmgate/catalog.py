@@ -27,6 +27,16 @@ class Artifact(BaseModel):
     size_bytes: int | None = None
 
 
+class UpstreamModel(BaseModel):
+    """Where a cloud or hybrid model runs upstream: the upstream's name (as configured by
+    the operator) and the model's name there."""
+
+    model_config = ConfigDict(frozen=True)
+
+    upstream: str
+    model: str
+
+
 class CatalogModel(BaseModel):
     model_config = ConfigDict(frozen=True)
 
@@ -34,9 +44,11 @@ class CatalogModel(BaseModel):
     type: Literal["llm"] = "llm"
     description: str
     context_length: int
+    # p2p: devices only; cloud: upstreams only; hybrid: devices first, then upstreams.
     tier: Literal["p2p", "cloud", "hybrid"]
     pricing: Pricing
     artifact: Artifact | None = None
+    upstreams: tuple[UpstreamModel, ...] = ()  # in failover order
 
 
 class Catalog:

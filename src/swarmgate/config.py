@@ -7,6 +7,8 @@ from pathlib import Path
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from swarmgate.upstreams import UpstreamConfig
+
 PLACEHOLDER_SECRETS = frozenset({"", "changeme", "change-me", "secret", "admin", "password"})
 
 
@@ -64,6 +66,15 @@ class GatewaySettings(BaseSettings):
     play_integrity_verification_key: str = ""  # base64 DER public key, from the Play Console
     play_integrity_certificate_digests: list[str] = Field(default_factory=list)
 
+    # cloud upstreams (JSON list of {"name", "base_url", "api_key", "timeout_s"})
+    upstreams: list[UpstreamConfig] = Field(default_factory=list)
+    # BYOK: a cloud request through the account's own vault key is charged this share of
+    # the model's price as the platform's fee.
+    byok_fee_bps: int = 1_000
+    # The vault's master secret; required outside development (the vault is off without it).
+    vault_master_secret: str = Field(default="", repr=False)
+    vault_key_version: int = 1  # raise it when rotating the master secret
+
     # jobs
     job_log_flush_ms: int = 50
     key_cache_ttl_s: float = 30.0
@@ -116,6 +127,19 @@ class GatewaySettings(BaseSettings):
             raise ValueError(
                 "SWARMGATE_ADMIN_TOKEN must be set to a real secret outside development"
             )
+        if self.environment != "development" and (
+            self.vault_master_secret.lower() in PLACEHOLDER_SECRETS
+            or len(self.vault_master_secret) < 32
+        ):
+            raise ValueError(
+                "SWARMGATE_VAULT_MASTER_SECRET must be set to a real secret of 32 or more "
+                "characters outside development"
+            )
+        if not 0 <= self.byok_fee_bps <= 10_000:
+            raise ValueError("SWARMGATE_BYOK_FEE_BPS must be 0..10000")
+        names = [u.name for u in self.upstreams]
+        if len(names) != len(set(names)):
+            raise ValueError("SWARMGATE_UPSTREAMS has two upstreams with the same name")
         return self
 
     @property

@@ -24,13 +24,16 @@ from swarmgate.config import GatewaySettings
 from swarmgate.errors import AuthError
 from swarmgate.protocol import CLOSE_HEARTBEAT_TIMEOUT
 from swarmgate.routing.background import BackgroundJobs
-from swarmgate.routing.dispatch import DispatchPolicy, Execution, JobSpec
+from swarmgate.routing.dispatch import CloudPlan, DispatchPolicy, Execution, JobSpec
 from swarmgate.routing.joblog import JobLog
 from swarmgate.routing.registry import DeviceRegistry
 from swarmgate.store.db import create_engine, migrate
 from swarmgate.store.idempotency import IdempotencyStore
 from swarmgate.trust.book import TrustBook
 from swarmgate.trust.canary import CanaryRunner, CanarySet
+from swarmgate.upstreams import Upstreams
+from swarmgate.vault.crypto import VaultCipher
+from swarmgate.vault.store import Vault
 from swarmgate.webhooks.delivery import ChargeEvent, Webhooks
 
 log = logging.getLogger("swarmgate.gateway")
@@ -119,6 +122,13 @@ class Gateway:
                 package_name=settings.play_integrity_package,
                 certificate_digests=settings.play_integrity_certificate_digests,
             )
+        self.upstreams = Upstreams(settings.upstreams)
+        cipher = None
+        if settings.vault_master_secret:
+            cipher = VaultCipher(
+                settings.vault_master_secret, key_version=settings.vault_key_version
+            )
+        self.vault = Vault(self.engine, cipher)
         self.webhooks = Webhooks(self.engine, settings)
         self.billing.listeners.append(self._charge_settled)
         self.ready = False
@@ -168,8 +178,52 @@ class Gateway:
         profile = self.trust.profiles.get(device_id) if device_id is not None else None
         return profile.price(model, default) if profile is not None else default
 
+    def cloud_price(self, model: str, *, byok: bool) -> Pricing:
+        """What a cloud answer costs the developer: the catalog's price, or with their own
+        upstream key, only the platform's fee (``byok_fee_bps`` of it)."""
+        entry = self.catalog.get(model)
+        price = (
+            entry.pricing
+            if entry is not None
+            else Pricing(input_per_1m_micros=0, output_per_1m_micros=0)
+        )
+        if not byok:
+            return price
+        bps = self.settings.byok_fee_bps
+        return Pricing(
+            input_per_1m_micros=price.input_per_1m_micros * bps // 10_000,
+            output_per_1m_micros=price.output_per_1m_micros * bps // 10_000,
+        )
+
+    def cloud_plan(self, spec: JobSpec) -> CloudPlan | None:
+        """How ``spec`` may use cloud upstreams: None for a p2p model, a private request,
+        an internal job, or a model no configured upstream serves."""
+        model = self.catalog.get(spec.model)
+        if model is None or model.tier == "p2p" or spec.internal or spec.privacy_mode:
+            return None
+        if not self.upstreams.serves(model):
+            return None
+        account_id, vault = spec.account_id, self.vault
+
+        async def vault_key(provider: str) -> tuple[str, str | None] | None:
+            return await vault.key_for(account_id, provider)
+
+        return CloudPlan(
+            model=model,
+            upstreams=self.upstreams,
+            vault_key=vault_key,
+            only=model.tier == "cloud",
+            fallback=model.tier == "hybrid",
+        )
+
     def execution(self, spec: JobSpec) -> Execution:
-        return Execution(spec=spec, registry=self.registry, policy=self.policy, observer=self.trust)
+        return Execution(
+            spec=spec,
+            registry=self.registry,
+            policy=self.policy,
+            observer=self.trust,
+            cloud=self.cloud_plan(spec),
+        )
 
     async def start(self) -> None:
         await migrate(self.engine)
@@ -200,6 +254,7 @@ class Gateway:
         await self.billing.stop()  # every charge already queued is written
         await self.webhooks.stop()  # after billing: its last charges raise events too
         await self.job_log.close()
+        await self.upstreams.aclose()
         with contextlib.suppress(Exception):
             await self.trust.stop()
         with contextlib.suppress(Exception):

@@ -21,6 +21,7 @@ from swarmgate.api import (
     provider,
     trust,
     usage,
+    vault,
     webhooks,
 )
 from swarmgate.api.errors import install_error_handlers
@@ -71,6 +72,7 @@ def create_app(settings: GatewaySettings | None = None, gateway: Gateway | None 
         webhooks,
         usage,
         trust,
+        vault,
     ):
         app.include_router(module.router)
     return app

@@ -77,6 +77,7 @@ def chat_spec(
         model=model_id,
         route=build_route(gateway, body, model_id, principal, messages, max_tokens),
         continuation=body.stream_continuation,
+        privacy_mode=body.privacy_mode,
         messages=messages,
         params=SamplingParams(
             max_tokens=max_tokens,

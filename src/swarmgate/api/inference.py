@@ -78,6 +78,7 @@ async def inference(request: Request, gateway: Gateway, principal: Principal) ->
         model=model_id,
         route=build_route(gateway, body, model_id, principal, messages, body.max_tokens),
         continuation=body.stream_continuation,
+        privacy_mode=body.privacy_mode,
         messages=messages,
         params=SamplingParams(
             max_tokens=body.max_tokens,
@@ -204,9 +205,15 @@ async def create_job(
         messages=chat,
         params=params,
         stream=False,
+        privacy_mode=body.privacy_mode,
     )
     stored = orjson.dumps(
-        {"messages": messages, "params": params.model_dump(), "route": route_to_json(route)}
+        {
+            "messages": messages,
+            "params": params.model_dump(),
+            "route": route_to_json(route),
+            "privacy_mode": body.privacy_mode,
+        }
     )
     model = resolve_model(gateway, model_id)
     if not principal.settings.allows(model.id):

@@ -31,7 +31,10 @@ def describe_model(gateway: Gateway, model: CatalogModel) -> dict[str, Any]:
         "owned_by": "swarmgate",
         "type": model.type,
         "description": model.description,
-        "available": gateway.registry.has_model(model.id),
+        "available": gateway.registry.has_model(model.id)
+        or (model.tier != "p2p" and gateway.upstreams.serves(model)),
+        "devices": gateway.registry.device_count(model.id),
+        "cloud": model.tier != "p2p" and gateway.upstreams.serves(model),
         "tier": model.tier,
         "context_length": model.context_length,
         "pricing": {

@@ -21,11 +21,19 @@ from swarmgate.api.schemas import RoutingFields
 from swarmgate.billing.pricing import max_cost_micros
 from swarmgate.billing.service import BilledPart, RequestHold, prompt_token_bound
 from swarmgate.catalog import Pricing
-from swarmgate.errors import Forbidden, ModelNotFound, ModelWarming, SwarmgateError
+from swarmgate.errors import (
+    Forbidden,
+    ModelNotFound,
+    ModelWarming,
+    RequestError,
+    RoutingError,
+    SwarmgateError,
+)
 from swarmgate.gateway import Gateway
 from swarmgate.protocol import ChatMessage, Delta, Done
-from swarmgate.routing.choice import Route
+from swarmgate.routing.choice import ModelPool, Route
 from swarmgate.routing.dispatch import Completion, Execution, JobSpec
+from swarmgate.upstreams import CloudUnavailable
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 DONE_FRAME = b"data: [DONE]\n\n"
@@ -41,13 +49,17 @@ def sse(payload: dict[str, Any]) -> bytes:
 
 def swarmgate_info(execution: Execution) -> dict[str, Any]:
     info: dict[str, Any] = {
-        "inference_type": "p2p",
+        "inference_type": execution.inference_type,
         "device_id": execution.device.device_id if execution.device else None,
         "model": execution.model,
         "attempts": len(execution.attempts),
         "latency_ms": execution.latency_ms,
         "ttft_ms": execution.ttft_ms,
     }
+    run = execution.cloud_run
+    if execution.inference_type == "cloud" and run is not None:
+        info["upstream"] = run.upstream
+        info["byok"] = run.byok
     if execution.parts:
         info["continued"] = [
             {"device_id": part.device_id, "completion_tokens": part.completion_tokens}
@@ -146,7 +158,27 @@ async def admit(gateway: Gateway, principal: Principal, spec: JobSpec) -> Admitt
             param="model",
             code="MODEL_NOT_ALLOWED",
         )
-    pools = gateway.registry.check(route)
+    entry = gateway.catalog.get(spec.model)
+    tier = entry.tier if entry is not None else "p2p"
+    cloud = entry is not None and tier != "p2p" and gateway.upstreams.serves(entry)
+    if tier == "cloud" and spec.privacy_mode:
+        raise RequestError(
+            f"'{spec.model}' runs only on cloud upstreams, and privacy_mode forbids them. "
+            "Choose a p2p or hybrid model.",
+            param="privacy_mode",
+            code="PRIVACY_MODE_FORBIDS_CLOUD",
+        )
+    if tier == "cloud" and not cloud:
+        raise CloudUnavailable(f"No cloud upstream is configured for '{spec.model}'.")
+    pools: list[ModelPool] = []
+    if tier != "cloud":
+        try:
+            pools = gateway.registry.check(route)
+        except RoutingError as exc:
+            if not cloud or spec.privacy_mode:
+                if cloud:
+                    exc.message += " (privacy_mode: the cloud upstream was not used)"
+                raise
     prompt_bound = route.prompt_tokens or prompt_token_bound(m.content for m in spec.messages)
     max_tokens = spec.params.max_tokens
     admission = gateway.limiter.admit(
@@ -154,8 +186,12 @@ async def admit(gateway: Gateway, principal: Principal, spec: JobSpec) -> Admitt
     )
     if not gateway.billing.enabled:
         return Admitted(admission, None, spec)
-    # The dearest price among the candidates (within the request's own max_price).
-    amount, pricing, model = 0, pools[0].pricing, pools[0].model
+    # The dearest price among the candidates (within the request's own max_price), and
+    # the cloud's price where an upstream may serve it.
+    amount, pricing, model = 0, Pricing(input_per_1m_micros=0, output_per_1m_micros=0), spec.model
+    if cloud and entry is not None and not spec.privacy_mode:
+        amount = max_cost_micros(entry.pricing, prompt_bound, max_tokens)
+        pricing = entry.pricing
     for pool in pools:
         ceiling = pool.price_ceiling(route.max_price)
         cost = max_cost_micros(ceiling, prompt_bound, max_tokens)
@@ -186,6 +222,19 @@ async def settle(gateway: Gateway, admitted: Admitted, execution: Execution) -> 
         admitted.admission, completion.prompt_tokens + completion.completion_tokens
     )
     if admitted.hold is None:
+        return
+    if execution.inference_type == "cloud":
+        await gateway.billing.settle(
+            admitted.hold,
+            prompt_tokens=completion.prompt_tokens,
+            completion_tokens=completion.completion_tokens,
+            device_id=None,
+            provider_account_id=None,  # no provider: the platform pays the upstream
+            model=execution.spec.model,
+            pricing=gateway.cloud_price(
+                execution.spec.model, byok=bool(execution.cloud_run and execution.cloud_run.byok)
+            ),
+        )
         return
     if execution.parts:
         await gateway.billing.settle_parts(

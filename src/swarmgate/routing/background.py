@@ -143,6 +143,7 @@ class BackgroundJobs:
             params=SamplingParams(**stored["params"]),
             stream=False,
             route=route_from_json(stored["route"]) if "route" in stored else None,
+            privacy_mode=bool(stored.get("privacy_mode", False)),
         )
         hold: RequestHold | None = None
         try:

@@ -24,12 +24,14 @@ from datetime import UTC, datetime
 
 import orjson
 
+from swarmgate.catalog import CatalogModel
 from swarmgate.errors import (
     AllAttemptsFailed,
     DeviceGone,
     DevicesBusy,
     DeviceTimeout,
     ModelWarming,
+    RoutingError,
     StreamInterrupted,
     SwarmgateError,
 )
@@ -37,6 +39,7 @@ from swarmgate.protocol import ChatMessage, Delta, Done, JobError, SamplingParam
 from swarmgate.routing.choice import Route
 from swarmgate.routing.registry import AttemptEvent, DeviceConnection, DeviceLost, DeviceRegistry
 from swarmgate.routing.states import JobState, check_job_transition
+from swarmgate.upstreams import CloudRun, KeyLookup, Upstreams
 
 log = logging.getLogger("swarmgate.dispatch")
 
@@ -74,6 +77,8 @@ class JobSpec:
     continuation: bool = True
     # Internal jobs (canaries) are not billed and do not count as the device's work.
     internal: bool = False
+    # Never a cloud upstream, even for a hybrid model.
+    privacy_mode: bool = False
 
     @property
     def routing(self) -> Route:
@@ -131,6 +136,22 @@ class Completion:
     completion_tokens: int
 
 
+@dataclass(frozen=True, slots=True)
+class CloudPlan:
+    """How a job may use cloud upstreams: only them (a cloud model), or after the devices
+    (a hybrid model whose request allows the cloud)."""
+
+    model: CatalogModel
+    upstreams: Upstreams
+    vault_key: KeyLookup
+    only: bool
+    fallback: bool
+
+
+class _ToCloud(Exception):
+    """Internal: a cloud-only job skips the device path."""
+
+
 class _AttemptFailed(Exception):
     def __init__(self, outcome: str, code: str, message: str) -> None:
         super().__init__(message)
@@ -162,6 +183,10 @@ class Execution:
     _route: Route | None = None
     # Failover ends here; a continuation gets a fresh budget from the moment it is needed.
     _deadline: float = 0.0
+    # Cloud upstreams for a cloud or hybrid model (None: devices only).
+    cloud: CloudPlan | None = None
+    cloud_run: CloudRun | None = None
+    inference_type: str = "p2p"
 
     def _move(self, target: JobState) -> None:
         check_job_transition(self.state, target)
@@ -223,23 +248,18 @@ class Execution:
         )
 
     async def complete(self) -> Completion:
-        """Runs a non-streamed job to the end; any failure before the end fails over."""
+        """Runs a non-streamed job to the end; any failure before the end fails over (to
+        another device, then, for a hybrid model, to a cloud upstream)."""
         self._move(JobState.RUNNING)
         try:
-            async with aclosing(self._devices()) as devices:
-                async for number, device, model in devices:
-                    parts: list[str] = []
-                    try:
-                        async with aclosing(self._attempt(number, device, model)) as events:
-                            async for event in events:
-                                if isinstance(event, Delta):
-                                    parts.append(event.text)
-                                else:
-                                    text = event.text if event.text is not None else "".join(parts)
-                                    return self._succeed(device, model, event, text)
-                    except _AttemptFailed:
-                        continue
-            raise self._final_error()
+            if self.cloud is not None and self.cloud.only:
+                return await self._cloud_complete()
+            try:
+                return await self._complete_on_devices()
+            except SwarmgateError as exc:
+                if not self._falls_back(exc):
+                    raise
+                return await self._cloud_complete()
         except SwarmgateError as exc:
             self._fail(exc)
             raise
@@ -247,13 +267,32 @@ class Execution:
             self._cancel()
             raise
 
+    async def _complete_on_devices(self) -> Completion:
+        async with aclosing(self._devices()) as devices:
+            async for number, device, model in devices:
+                parts: list[str] = []
+                try:
+                    async with aclosing(self._attempt(number, device, model)) as events:
+                        async for event in events:
+                            if isinstance(event, Delta):
+                                parts.append(event.text)
+                            else:
+                                text = event.text if event.text is not None else "".join(parts)
+                                return self._succeed(device, model, event, text)
+                except _AttemptFailed:
+                    continue
+        raise self._final_error()
+
     async def stream(self) -> AsyncGenerator[Delta | Done, None]:
         """Yields the answer's deltas, then its Done. Fails over until the first delta is
         out; after that, continues the answer on another device (see the module doc)."""
         self._move(JobState.RUNNING)
         sent: list[str] = []  # the text the client has, across devices
         sent_tokens = 0
+        fallback = self.cloud is not None and self.cloud.only
         try:
+            if fallback:
+                raise _ToCloud
             async with aclosing(self._devices()) as devices:
                 async for number, device, model in devices:
                     prefix = "".join(sent) if sent else None
@@ -316,11 +355,94 @@ class Execution:
                 )
                 self._fail(interrupted)
                 raise interrupted from exc
+            if sent or not self._falls_back(exc):
+                self._fail(exc)
+                raise
+            fallback = True
+        except _ToCloud:
+            pass
+        except (asyncio.CancelledError, GeneratorExit):
+            self._cancel()
+            raise
+        if not fallback:
+            return
+        try:
+            async for event in self._cloud_events():
+                yield event
+        except SwarmgateError as exc:
             self._fail(exc)
             raise
         except (asyncio.CancelledError, GeneratorExit):
             self._cancel()
             raise
+
+    # -- the cloud ----------------------------------------------------------------------
+    def _falls_back(self, error: SwarmgateError) -> bool:
+        """Whether a device-path failure goes on to a cloud upstream: a hybrid model, a
+        request that allows the cloud, and no device able to serve it."""
+        cloud = self.cloud
+        if cloud is None or not cloud.fallback:
+            return False
+        return isinstance(error, RoutingError | AllAttemptsFailed | DeviceTimeout)
+
+    async def _cloud_events(self) -> AsyncGenerator[Delta | Done, None]:
+        cloud = self.cloud
+        assert cloud is not None
+        run = CloudRun(cloud.model)
+        self.cloud_run = run
+        started = datetime.now(UTC)
+        base = len(self.attempts)
+        try:
+            async with aclosing(
+                cloud.upstreams.stream(
+                    run, self.spec.messages, self.spec.params, cloud.vault_key, self.spec.job_id
+                )
+            ) as events:
+                async for event in events:
+                    if isinstance(event, Delta):
+                        if self.first_token_at is None:
+                            self.first_token_at = time.monotonic()
+                        yield event
+                    else:
+                        self._succeed_cloud(run, event)
+                        yield event
+                        return
+        finally:
+            for number, attempt in enumerate(run.attempts, base + 1):
+                self.attempts.append(
+                    AttemptRecord(
+                        attempt=number,
+                        device_id=f"cloud:{attempt.upstream}",
+                        outcome=attempt.outcome,
+                        error_code=attempt.error_code,
+                        started_at=started,
+                        first_token_ms=None,
+                        duration_ms=attempt.duration_ms,
+                    )
+                )
+
+    async def _cloud_complete(self) -> Completion:
+        parts: list[str] = []
+        async with aclosing(self._cloud_events()) as events:
+            async for event in events:
+                if isinstance(event, Delta):
+                    parts.append(event.text)
+        assert self.completion is not None
+        self.completion.text = "".join(parts)
+        return self.completion
+
+    def _succeed_cloud(self, run: CloudRun, done: Done) -> None:
+        self.finished_at = time.monotonic()
+        self._move(JobState.SUCCEEDED)
+        self.inference_type = "cloud"
+        self.device = None
+        self.model = self.spec.model
+        self.completion = Completion(
+            text=done.text or "",
+            finish_reason=done.finish_reason,
+            prompt_tokens=done.usage.prompt_tokens,
+            completion_tokens=done.usage.completion_tokens,
+        )
 
     def _joined(self, device: DeviceConnection, model: str, done: Done) -> Done:
         """The last device's Done, with usage for the whole answer: the prompt once (the

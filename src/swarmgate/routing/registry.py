@@ -248,6 +248,10 @@ class DeviceRegistry:
     def has_model(self, model: str) -> bool:
         return model in self._pools
 
+    def device_count(self, model: str) -> int:
+        pool = self._pools.get(model)
+        return len(pool.members) if pool is not None else 0
+
     def model_counts(self) -> dict[str, int]:
         return {model: len(pool.members) for model, pool in self._pools.items()}
 

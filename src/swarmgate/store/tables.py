@@ -12,6 +12,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Table,
@@ -113,6 +114,25 @@ devices = Table(
     Column("verified_at", DateTime(timezone=True)),
     Column("trust_score", Float, nullable=False, default=0.0, server_default="0"),
     Index("ix_devices_account", "account_id"),
+)
+
+# Developers' own upstream API keys, sealed (vault/crypto.py): never stored in clear.
+vault_keys = Table(
+    "vault_keys",
+    metadata,
+    Column(
+        "account_id", String(40), ForeignKey("accounts.id", ondelete="CASCADE"), primary_key=True
+    ),
+    Column("provider", String(64), primary_key=True),
+    Column("ciphertext", LargeBinary, nullable=False),
+    Column("nonce", LargeBinary, nullable=False),
+    Column("salt", LargeBinary, nullable=False),
+    Column("iterations", Integer, nullable=False),
+    Column("key_version", Integer, nullable=False),
+    Column("last4", String(4), nullable=False),
+    Column("base_url", String(500)),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
 )
 
 # A provider's own price for a model on one device, within the gateway's bounds.

@@ -1,0 +1,294 @@
+"""Cloud upstreams that speak the OpenAI API (OpenAI, OpenRouter, Together, Groq, Cloudflare
+Workers AI's OpenAI-compatible endpoint, or any base URL).
+
+The operator configures them (``SWARMGATE_UPSTREAMS``, a JSON list of ``{"name",
+"base_url", "api_key", "timeout_s"}``); the catalog says which upstream serves a cloud or
+hybrid model under which name. One pooled HTTP client per upstream. A call runs through
+the model's upstreams in order — with the account's own vault key for an upstream where
+it has one — and fails over on rate limits, timeouts, server errors and refused keys;
+when all fail, the error of the last one says what went wrong.
+
+Usage comes from the upstream. When it reports none (or -1), the gateway counts tokens
+itself with ``estimate_tokens`` — an approximation, never a negative number.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import orjson
+from pydantic import BaseModel, ConfigDict, Field
+
+from swarmgate.catalog import CatalogModel
+from swarmgate.errors import SwarmgateError
+from swarmgate.protocol import ChatMessage, Delta, Done, SamplingParams, Usage
+
+log = logging.getLogger("swarmgate.upstreams")
+
+
+class UpstreamConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1, max_length=64)
+    base_url: str = Field(min_length=1, max_length=500)
+    api_key: str = Field(default="", repr=False)
+    timeout_s: float = Field(default=60.0, gt=0)
+
+
+# -- errors -------------------------------------------------------------------------------
+class UpstreamError(SwarmgateError):
+    status_code = 502
+    code = "UPSTREAM_ERROR"
+    type = "upstream_error"
+
+
+class UpstreamAuthFailed(UpstreamError):
+    code = "UPSTREAM_AUTH_FAILED"
+
+
+class UpstreamRateLimited(UpstreamError):
+    status_code = 429
+    code = "UPSTREAM_RATE_LIMITED"
+    type = "rate_limit_error"
+
+
+class UpstreamTimeout(UpstreamError):
+    status_code = 504
+    code = "UPSTREAM_TIMEOUT"
+    type = "timeout_error"
+
+
+class CloudUnavailable(SwarmgateError):
+    """No configured upstream serves the model (or the request forbids the cloud)."""
+
+    status_code = 503
+    code = "CLOUD_UNAVAILABLE"
+    type = "service_unavailable"
+
+
+_WORDS = re.compile(r"\w+|[^\w\s]", re.UNICODE)
+
+
+def estimate_tokens(text: str) -> int:
+    """Roughly what a BPE tokenizer makes of ``text``: words and punctuation marks, with
+    long words counting extra. Used only when an upstream reports no usage."""
+    return sum(1 + len(piece) // 8 for piece in _WORDS.findall(text))
+
+
+def estimate_prompt_tokens(messages: tuple[ChatMessage, ...]) -> int:
+    return sum(4 + estimate_tokens(m.content) for m in messages) + 3
+
+
+@dataclass
+class Upstream:
+    config: UpstreamConfig
+    client: httpx.AsyncClient
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+
+@dataclass
+class CloudAttempt:
+    upstream: str
+    byok: bool
+    outcome: str
+    error_code: str | None
+    duration_ms: int
+
+
+@dataclass
+class CloudRun:
+    """One request's run across upstreams (mirrors a device Execution's record)."""
+
+    model: CatalogModel
+    attempts: list[CloudAttempt] = field(default_factory=list)
+    upstream: str | None = None
+    byok: bool = False
+
+
+KeyLookup = Callable[[str], Awaitable[tuple[str, str | None] | None]]
+
+
+class Upstreams:
+    def __init__(self, configs: list[UpstreamConfig]) -> None:
+        self._by_name: dict[str, Upstream] = {}
+        for config in configs:
+            client = httpx.AsyncClient(
+                base_url=config.base_url.rstrip("/"),
+                timeout=httpx.Timeout(config.timeout_s, connect=min(10.0, config.timeout_s)),
+                limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
+            )
+            self._by_name[config.name] = Upstream(config, client)
+
+    def names(self) -> list[str]:
+        return list(self._by_name)
+
+    def serves(self, model: CatalogModel) -> bool:
+        return any(u.upstream in self._by_name for u in model.upstreams)
+
+    async def aclose(self) -> None:
+        for upstream in self._by_name.values():
+            await upstream.client.aclose()
+
+    def _routes(self, model: CatalogModel) -> list[tuple[Upstream, str]]:
+        routes = [
+            (self._by_name[u.upstream], u.model)
+            for u in model.upstreams
+            if u.upstream in self._by_name
+        ]
+        if not routes:
+            raise CloudUnavailable(
+                f"No cloud upstream is configured for '{model.id}' on this gateway."
+            )
+        return routes
+
+    async def stream(
+        self,
+        run: CloudRun,
+        messages: tuple[ChatMessage, ...],
+        params: SamplingParams,
+        vault_key: KeyLookup,
+        job_id: str,
+    ) -> AsyncGenerator[Delta | Done, None]:
+        """Deltas then a Done, from the first upstream that answers. Fails over between
+        upstreams until the first delta is out; after that an error ends the stream."""
+        last: SwarmgateError | None = None
+        for upstream, upstream_model in self._routes(run.model):
+            own = await vault_key(upstream.name)
+            started = time.monotonic()
+            attempt = CloudAttempt(upstream.name, own is not None, "running", None, 0)
+            run.attempts.append(attempt)
+            delivered = False
+            try:
+                async for event in self._call(
+                    upstream, upstream_model, own, messages, params, job_id
+                ):
+                    if isinstance(event, Delta):
+                        delivered = True
+                    elif isinstance(event, Done):
+                        run.upstream, run.byok = upstream.name, own is not None
+                        attempt.outcome = "succeeded"
+                    yield event
+                return
+            except UpstreamError as exc:
+                attempt.outcome, attempt.error_code = "failed", exc.code
+                last = exc
+                log.info(
+                    "upstream failed",
+                    extra={"upstream": upstream.name, "code": exc.code, "byok": own is not None},
+                )
+                if delivered:
+                    raise
+            finally:
+                attempt.duration_ms = int((time.monotonic() - started) * 1000)
+                if attempt.outcome == "running":
+                    attempt.outcome = "cancelled"
+        assert last is not None
+        raise last
+
+    async def _call(
+        self,
+        upstream: Upstream,
+        upstream_model: str,
+        own: tuple[str, str | None] | None,
+        messages: tuple[ChatMessage, ...],
+        params: SamplingParams,
+        job_id: str,
+    ) -> AsyncGenerator[Delta | Done, None]:
+        api_key, base_url = (own[0], own[1]) if own is not None else (upstream.config.api_key, None)
+        url = f"{base_url.rstrip('/')}/chat/completions" if base_url else "/chat/completions"
+        body: dict[str, Any] = {
+            "model": upstream_model,
+            "messages": [{"role": m.role, "content": m.content} for m in messages],
+            "max_tokens": params.max_tokens,
+            "temperature": params.temperature,
+            "top_p": params.top_p,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        if params.stop:
+            body["stop"] = params.stop
+        if params.seed is not None:
+            body["seed"] = params.seed
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        parts: list[str] = []
+        usage: dict[str, Any] | None = None
+        finish = "stop"
+        try:
+            async with upstream.client.stream("POST", url, json=body, headers=headers) as resp:
+                if resp.status_code >= 400:
+                    await resp.aread()
+                    raise _http_error(upstream.name, resp, own is not None)
+                async for line in resp.aiter_lines():
+                    if not line.startswith("data:"):
+                        continue
+                    data = line[5:].strip()
+                    if data == "[DONE]":
+                        break
+                    chunk = orjson.loads(data)
+                    if not isinstance(chunk, dict):
+                        continue
+                    if isinstance(chunk.get("usage"), dict):
+                        usage = chunk["usage"]
+                    for choice in chunk.get("choices") or []:
+                        text = (choice.get("delta") or {}).get("content")
+                        if text:
+                            parts.append(text)
+                            yield Delta(type="delta", job_id=job_id, text=text)
+                        if choice.get("finish_reason"):
+                            finish = "length" if choice["finish_reason"] == "length" else "stop"
+        except httpx.TimeoutException as exc:
+            raise UpstreamTimeout(
+                f"The cloud upstream '{upstream.name}' did not answer in time."
+            ) from exc
+        except (httpx.HTTPError, orjson.JSONDecodeError) as exc:
+            raise UpstreamError(
+                f"The cloud upstream '{upstream.name}' failed: {type(exc).__name__}."
+            ) from exc
+        yield Done(
+            type="done",
+            job_id=job_id,
+            finish_reason="length" if finish == "length" else "stop",
+            usage=_usage(usage, messages, "".join(parts)),
+        )
+
+
+def _usage(reported: dict[str, Any] | None, messages: tuple[ChatMessage, ...], text: str) -> Usage:
+    prompt = completion = -1
+    if reported is not None:
+        prompt = _count(reported.get("prompt_tokens"))
+        completion = _count(reported.get("completion_tokens"))
+    if prompt < 0:
+        prompt = estimate_prompt_tokens(messages)
+    if completion < 0:
+        completion = estimate_tokens(text)
+    return Usage(prompt_tokens=prompt, completion_tokens=completion)
+
+
+def _count(value: object) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) else -1
+
+
+def _http_error(name: str, resp: httpx.Response, byok: bool) -> UpstreamError:
+    status = resp.status_code
+    whose = "your vault key" if byok else "the gateway's key"
+    if status in (401, 403):
+        return UpstreamAuthFailed(
+            f"The cloud upstream '{name}' refused {whose} (HTTP {status})."
+            + (" Update it with POST /v1/vault." if byok else "")
+        )
+    if status == 429:
+        retry = resp.headers.get("retry-after")
+        seconds = int(float(retry)) if retry and retry.replace(".", "", 1).isdigit() else None
+        return UpstreamRateLimited(
+            f"The cloud upstream '{name}' is rate limiting {whose}.", retry_after=seconds
+        )
+    return UpstreamError(f"The cloud upstream '{name}' answered HTTP {status}.")

@@ -1,0 +1,1 @@
+"""The BYOK key vault: developers' own upstream API keys, encrypted at rest."""

@@ -1,0 +1,253 @@
+"""Cloud and hybrid models against real local OpenAI-compatible upstreams: streaming and
+not, failover between upstreams, privacy_mode, BYOK through the vault, upstream errors."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from sqlalchemy import select
+
+from swarmgate.billing.pricing import job_cost_micros
+from swarmgate.catalog import Catalog, Pricing
+from swarmgate.store.tables import charges
+from tests.cloud.mock_upstream import GOOD_KEY, MockUpstream
+from tests.conftest import MODEL, LiveGateway, fast_settings, start_gateway, stop_gateway
+
+PRICE = {"input_per_1m_micros": 50_000, "output_per_1m_micros": 300_000}
+
+
+def cloud_model(model_id: str, tier: str, *routes: tuple[str, str]) -> dict[str, Any]:
+    return {
+        "id": model_id,
+        "description": model_id,
+        "context_length": 8192,
+        "tier": tier,
+        "pricing": PRICE,
+        "upstreams": [{"upstream": u, "model": m} for u, m in routes],
+    }
+
+
+def write_catalog(path: Path) -> Path:
+    default = Catalog.load()
+    base = default.get(MODEL)
+    assert base is not None
+    models = [
+        base.model_dump(mode="json"),
+        cloud_model("cloud-good", "cloud", ("alpha", "fine"), ("beta", "fine")),
+        cloud_model("cloud-failover", "cloud", ("alpha", "down"), ("beta", "fine")),
+        cloud_model("cloud-limited", "cloud", ("alpha", "rate-limited")),
+        cloud_model("cloud-slow", "cloud", ("alpha", "slow")),
+        cloud_model("cloud-no-usage", "cloud", ("alpha", "no-usage")),
+        cloud_model("cloud-minus-one", "cloud", ("alpha", "minus-one")),
+        cloud_model("cloud-unconfigured", "cloud", ("gamma", "fine")),
+        cloud_model("hybrid-m", "hybrid", ("alpha", "fine")),
+    ]
+    path.write_bytes(orjson.dumps({"models": models}))
+    return path
+
+
+@pytest.fixture
+async def upstreams() -> AsyncIterator[tuple[MockUpstream, MockUpstream]]:
+    alpha, beta = MockUpstream("alpha"), MockUpstream("beta")
+    await alpha.start()
+    await beta.start()
+    try:
+        yield alpha, beta
+    finally:
+        await alpha.stop()
+        await beta.stop()
+
+
+@pytest.fixture
+async def cloud(
+    tmp_path: Path, upstreams: tuple[MockUpstream, MockUpstream]
+) -> AsyncIterator[LiveGateway]:
+    alpha, beta = upstreams
+    settings = fast_settings(
+        tmp_path,
+        catalog_path=write_catalog(tmp_path / "catalog.json"),
+        upstreams=[
+            {"name": "alpha", "base_url": alpha.base_url, "api_key": GOOD_KEY, "timeout_s": 1.0},
+            {"name": "beta", "base_url": beta.base_url, "api_key": GOOD_KEY},
+        ],
+        vault_master_secret="test-master-secret-0123456789abcdef",
+        first_token_timeout_s=0.5,
+        queue_wait_s=0.2,
+    )
+    live = await start_gateway(settings)
+    try:
+        yield live
+    finally:
+        await stop_gateway(live)
+
+
+def chat(model: str, **extra: Any) -> dict[str, Any]:
+    return {"model": model, "messages": [{"role": "user", "content": "hello there"}], **extra}
+
+
+def sse(text: str) -> list[Any]:
+    return [
+        line[6:] if line[6:] == "[DONE]" else orjson.loads(line[6:])
+        for line in text.splitlines()
+        if line.startswith("data: ")
+    ]
+
+
+async def test_a_cloud_model_answers_from_its_upstream(
+    cloud: LiveGateway, upstreams: tuple[MockUpstream, MockUpstream]
+) -> None:
+    account, key = await cloud.developer_key()
+    async with cloud.client(key) as client:
+        reply = await client.post("/v1/chat/completions", json=chat("cloud-good"))
+        assert reply.status_code == 200, reply.text
+        body = reply.json()
+        assert body["choices"][0]["message"]["content"] == "alpha says: hello there"
+        assert body["swarmgate"]["inference_type"] == "cloud"
+        assert body["swarmgate"]["upstream"] == "alpha" and body["swarmgate"]["byok"] is False
+        assert body["usage"] == {"prompt_tokens": 11, "completion_tokens": 4, "total_tokens": 15}
+
+        streamed = await client.post(
+            "/v1/chat/completions",
+            json=chat("cloud-good", stream=True, stream_options={"include_usage": True}),
+        )
+        events = sse(streamed.text)
+        assert events[-1] == "[DONE]"
+        text = "".join(
+            e["choices"][0]["delta"].get("content", "")
+            for e in events
+            if isinstance(e, dict) and e.get("choices")
+        )
+        assert text == "alpha says: hello there"
+        assert events[-2]["usage"]["completion_tokens"] == 4
+    assert upstreams[0].requests[0]["auth"] == f"Bearer {GOOD_KEY}"
+    # Charged at the catalog's price, all of it the platform's (no device, no provider).
+    await cloud.gateway.billing.writer.posted()
+    async with cloud.gateway.engine.connect() as db:
+        row = (await db.execute(select(charges).where(charges.c.job_id == body["id"]))).one()
+    assert row.device_id is None and row.provider_micros == 0
+    assert row.cost_micros == job_cost_micros(Pricing(**PRICE), 11, 4)
+    assert account
+
+
+async def test_failover_between_upstreams_and_errors_that_say_what_happened(
+    cloud: LiveGateway, upstreams: tuple[MockUpstream, MockUpstream]
+) -> None:
+    _, key = await cloud.developer_key()
+    async with cloud.client(key) as client:
+        failover = await client.post("/v1/chat/completions", json=chat("cloud-failover"))
+        assert failover.status_code == 200, failover.text
+        assert failover.json()["swarmgate"]["upstream"] == "beta"
+        assert failover.json()["swarmgate"]["attempts"] == 2
+
+        limited = await client.post("/v1/chat/completions", json=chat("cloud-limited"))
+        assert limited.status_code == 429
+        assert limited.json()["error"]["code"] == "UPSTREAM_RATE_LIMITED"
+        assert limited.json()["error"]["retry_after"] == 7
+        assert limited.headers["retry-after"] == "7"
+
+        started = time.monotonic()
+        slow = await client.post("/v1/chat/completions", json=chat("cloud-slow"))
+        assert time.monotonic() - started < 3
+        assert slow.status_code == 504 and slow.json()["error"]["code"] == "UPSTREAM_TIMEOUT"
+
+        missing = await client.post("/v1/chat/completions", json=chat("cloud-unconfigured"))
+        assert missing.status_code == 503
+        assert missing.json()["error"]["code"] == "CLOUD_UNAVAILABLE"
+
+
+async def test_usage_is_counted_when_the_upstream_gives_none(cloud: LiveGateway) -> None:
+    _, key = await cloud.developer_key()
+    async with cloud.client(key) as client:
+        for model in ("cloud-no-usage", "cloud-minus-one"):
+            reply = await client.post("/v1/chat/completions", json=chat(model))
+            usage = reply.json()["usage"]
+            assert usage["prompt_tokens"] > 0 and usage["completion_tokens"] > 0, model
+
+
+async def test_hybrid_uses_devices_first_then_the_cloud_and_privacy_mode_never_does(
+    cloud: LiveGateway,
+) -> None:
+    _, key = await cloud.developer_key()
+    async with cloud.client(key) as client:
+        # No device: the cloud answers.
+        reply = await client.post("/v1/chat/completions", json=chat("hybrid-m"))
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["swarmgate"]["inference_type"] == "cloud"
+        private = await client.post(
+            "/v1/chat/completions", json=chat("hybrid-m", privacy_mode=True)
+        )
+        assert private.status_code == 503
+        assert "privacy_mode" in private.json()["error"]["message"]
+        cloud_only = await client.post(
+            "/v1/chat/completions", json=chat("cloud-good", privacy_mode=True)
+        )
+        assert cloud_only.status_code == 400
+        assert cloud_only.json()["error"]["code"] == "PRIVACY_MODE_FORBIDS_CLOUD"
+
+    # A device serves it: devices come first.
+    agent = await cloud.add_sim_device(model="hybrid-m")
+    async with cloud.client(key) as client:
+        reply = await client.post("/v1/chat/completions", json=chat("hybrid-m", stream=True))
+        finish = [
+            e
+            for e in sse(reply.text)
+            if isinstance(e, dict) and e.get("choices") and e["choices"][0]["finish_reason"]
+        ]
+        assert finish[0]["swarmgate"]["inference_type"] == "p2p"
+        assert finish[0]["swarmgate"]["device_id"] == agent.stats.device_id
+
+    # Every device attempt fails: the cloud takes over (not for a private request).
+    await cloud.stop_agents()
+    await cloud.add_sim_device(model="hybrid-m", die_after_tokens=0)
+    async with cloud.client(key) as client:
+        reply = await client.post("/v1/chat/completions", json=chat("hybrid-m", stream=True))
+        events = sse(reply.text)
+        assert events[-1] == "[DONE]"
+        finish = [
+            e
+            for e in events
+            if isinstance(e, dict) and e.get("choices") and e["choices"][0]["finish_reason"]
+        ]
+        assert finish[0]["swarmgate"]["inference_type"] == "cloud"
+
+
+async def test_byok_routes_through_the_accounts_own_key_for_a_fee(
+    cloud: LiveGateway, upstreams: tuple[MockUpstream, MockUpstream]
+) -> None:
+    alpha, _beta = upstreams
+    alpha.keys.add("sk-developer-own-key-1234")
+    _, key = await cloud.developer_key()
+    async with cloud.client(key) as client:
+        stored = await client.post(
+            "/v1/vault", json={"provider": "alpha", "apiKey": "sk-developer-own-key-1234"}
+        )
+        assert stored.status_code == 201, stored.text
+        assert stored.json()["last4"] == "1234" and "apiKey" not in stored.text
+        reply = await client.post("/v1/chat/completions", json=chat("cloud-good"))
+        assert reply.json()["swarmgate"]["byok"] is True
+        assert alpha.requests[-1]["auth"] == "Bearer sk-developer-own-key-1234"
+        body = reply.json()
+        await cloud.gateway.billing.writer.posted()
+        async with cloud.gateway.engine.connect() as db:
+            row = (await db.execute(select(charges).where(charges.c.job_id == body["id"]))).one()
+        fee = cloud.gateway.cloud_price("cloud-good", byok=True)
+        assert fee.output_per_1m_micros == PRICE["output_per_1m_micros"] // 10
+        assert row.cost_micros == job_cost_micros(fee, 11, 4)
+
+        # A refused own key: a clear error naming the vault key, then the next upstream.
+        await client.post("/v1/vault", json={"provider": "alpha", "apiKey": "sk-revoked-key-0000"})
+        fallback = await client.post("/v1/chat/completions", json=chat("cloud-good"))
+        assert fallback.status_code == 200 and fallback.json()["swarmgate"]["upstream"] == "beta"
+        only_alpha = await client.post("/v1/chat/completions", json=chat("cloud-failover"))
+        assert only_alpha.status_code == 200  # alpha refuses the key, beta answers
+
+        deleted = await client.delete("/v1/vault", params={"provider": "alpha"})
+        assert deleted.json()["deleted"] == 1
+        assert (await client.get("/v1/vault")).json()["exists"] is False
+        reply = await client.post("/v1/chat/completions", json=chat("cloud-good"))
+        assert reply.json()["swarmgate"]["byok"] is False
