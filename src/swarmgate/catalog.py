@@ -18,6 +18,10 @@ class Pricing(BaseModel):
     output_per_1m_micros: int = Field(ge=0)
 
 
+# The zero price: a constant, so the request path does not build one.
+FREE = Pricing(input_per_1m_micros=0, output_per_1m_micros=0)
+
+
 class Artifact(BaseModel):
     model_config = ConfigDict(frozen=True)
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import secrets
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ from swarmgate.accounts.limits import Admission
 from swarmgate.api.schemas import RoutingFields
 from swarmgate.billing.pricing import max_cost_micros
 from swarmgate.billing.service import BilledPart, RequestHold, prompt_token_bound
-from swarmgate.catalog import Pricing
+from swarmgate.catalog import FREE, Pricing
 from swarmgate.errors import (
     Forbidden,
     ModelNotFound,
@@ -188,7 +187,7 @@ async def admit(gateway: Gateway, principal: Principal, spec: JobSpec) -> Admitt
         return Admitted(admission, None, spec)
     # The dearest price among the candidates (within the request's own max_price), and
     # the cloud's price where an upstream may serve it.
-    amount, pricing, model = 0, Pricing(input_per_1m_micros=0, output_per_1m_micros=0), spec.model
+    amount, pricing, model = 0, FREE, spec.model
     if cloud and entry is not None and not spec.privacy_mode:
         amount = max_cost_micros(entry.pricing, prompt_bound, max_tokens)
         pricing = entry.pricing
@@ -198,7 +197,7 @@ async def admit(gateway: Gateway, principal: Principal, spec: JobSpec) -> Admitt
         if cost >= amount:
             amount, pricing, model = cost, ceiling, pool.model
     caps = {pool.model: pool.price_ceiling(route.max_price) for pool in pools}
-    spec = dataclasses.replace(spec, route=route.capped_each(caps))
+    spec = spec.with_route(route.capped_each(caps))
     try:
         hold = await gateway.billing.hold(
             principal,

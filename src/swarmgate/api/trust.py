@@ -69,6 +69,7 @@ class VerifyBody(BaseModel):
 
 def describe_trust(gateway: Gateway, profile: DeviceProfile) -> dict[str, Any]:
     connection = gateway.registry.get(profile.device_id)
+    gateway.trust.rescore(profile)  # up to date, not as of the last save
     return {
         "device_id": profile.device_id,
         "trust_score": profile.trust,

@@ -43,7 +43,7 @@ from __future__ import annotations
 import random
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from itertools import islice
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -103,8 +103,24 @@ class Route:
     price_caps: Mapping[str, Pricing] | None = None
 
     def capped_each(self, caps: Mapping[str, Pricing]) -> Route:
-        """This route, refusing devices dearer than what the hold covers, per model."""
-        return replace(self, price_caps=dict(caps))
+        """This route, refusing devices dearer than what the hold covers, per model.
+
+        Built field by field: ``dataclasses.replace`` introspects the class on every call,
+        and this runs once per request."""
+        return Route(
+            self.models,
+            self.tier,
+            self.any_model,
+            self.trusted_only,
+            self.verified_only,
+            self.max_latency_ms,
+            self.allow,
+            self.deny,
+            self.max_price,
+            self.prompt_tokens,
+            self.max_tokens,
+            caps,
+        )
 
     def price_cap(self, model: str) -> Pricing | None:
         if self.price_caps is not None:

@@ -80,6 +80,23 @@ class JobSpec:
     # Never a cloud upstream, even for a hybrid model.
     privacy_mode: bool = False
 
+    def with_route(self, route: Route) -> JobSpec:
+        """This job with another route (field by field: cheaper than ``replace``)."""
+        return JobSpec(
+            self.job_id,
+            self.account_id,
+            self.key_id,
+            self.kind,
+            self.model,
+            self.messages,
+            self.params,
+            self.stream,
+            route,
+            self.continuation,
+            self.internal,
+            self.privacy_mode,
+        )
+
     @property
     def routing(self) -> Route:
         if self.route is not None:

@@ -144,6 +144,7 @@ class TrustBook(Observer):
             return
         for profile in dirty:
             profile.dirty = False
+            self.rescore(profile)
         try:
             async with self._engine.begin() as conn:
                 for profile in dirty:
@@ -194,14 +195,14 @@ class TrustBook(Observer):
             and tokens / total_s > self._max_tokens_per_s
         ):
             self.suspect(device.profile, "too_fast")
-        self.rescore(profile)
+        # The score moves by a hair per job: it is recomputed when the profiles are saved
+        # (every few seconds), not on the request path.
 
     def failed(self, device: DeviceConnection, model: str, outcome: str, now: float) -> None:
         super().failed(device, model, outcome, now)
         profile = device.profile
         if outcome == "failed" and profile.consecutive_failures % self._abort_streak == 0:
             self.suspect(profile, "aborted_jobs")
-        self.rescore(profile)
 
     def canary_result(self, profile: DeviceProfile, passed: bool) -> None:
         if passed:
