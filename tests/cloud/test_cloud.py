@@ -201,6 +201,18 @@ async def test_hybrid_uses_devices_first_then_the_cloud_and_privacy_mode_never_d
         assert finish[0]["swarmgate"]["inference_type"] == "p2p"
         assert finish[0]["swarmgate"]["device_id"] == agent.stats.device_id
 
+    # The only device is predicted slower than the request's latency budget: the cloud.
+    device = cloud.gateway.registry.get(str(agent.stats.device_id))
+    assert device is not None
+    stats = device.profile.model_stats("hybrid-m")
+    stats.ttft_ms, stats.samples = 5_000.0, 5
+    cloud.gateway.registry.measured(device, "hybrid-m")
+    async with cloud.client(key) as client:
+        budget = await client.post(
+            "/v1/chat/completions", json=chat("hybrid-m", max_latency_ms=500)
+        )
+        assert budget.json()["swarmgate"]["inference_type"] == "cloud"
+
     # Every device attempt fails: the cloud takes over (not for a private request).
     await cloud.stop_agents()
     await cloud.add_sim_device(model="hybrid-m", die_after_tokens=0)

@@ -161,3 +161,43 @@ async def test_the_api_never_shows_stores_or_logs_the_key(
     for path in tmp_path.glob("swarmgate.db*"):
         assert API_KEY.encode() not in path.read_bytes(), path
     assert API_KEY not in caplog.text
+
+
+async def test_the_rotate_command_re_encrypts_every_record(tmp_path: Path) -> None:
+    import asyncio
+    import os
+    import subprocess
+
+    from tests.conftest import swarmgate_cmd
+
+    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'swarmgate.db'}")
+    await migrate(engine)
+    try:
+        account = (await service.create_account(engine, name="dev"))["id"]
+        await Vault(engine, VaultCipher(SECRET)).put(account, "openrouter", API_KEY, None)
+    finally:
+        await engine.dispose()
+    new_secret = "the-rotated-master-secret-0123456789"
+    env = {
+        **os.environ,
+        "SWARMGATE_DATA_DIR": str(tmp_path),
+        "SWARMGATE_VAULT_MASTER_SECRET": SECRET,
+        "NEW_VAULT_SECRET": new_secret,
+    }
+    done = await asyncio.to_thread(
+        subprocess.run,
+        swarmgate_cmd("admin", "--json", "vault", "rotate", "--new-secret-env", "NEW_VAULT_SECRET"),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert '"rotated":1' in done.stdout and '"key_version":2' in done.stdout
+    assert new_secret not in done.stdout + done.stderr
+    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path / 'swarmgate.db'}")
+    try:
+        rotated = Vault(engine, VaultCipher(new_secret, key_version=2))
+        assert await rotated.key_for(account, "openrouter") == (API_KEY, None)
+    finally:
+        await engine.dispose()
