@@ -15,6 +15,14 @@
     │   ├── InsufficientCredits   402 INSUFFICIENT_CREDITS     (available balance cannot cover a hold)
     │   ├── SpendCapReached       402 DAILY_SPEND_CAP_EXCEEDED (the key's daily cap would be passed)
     │   └── BillingUnavailable    503 BILLING_UNAVAILABLE      (a charge could not be written)
+    ├── AttestationFailed         403 ATTESTATION_<REASON>     (an integrity token was rejected)
+    ├── AttestationUnavailable    503 ATTESTATION_NOT_CONFIGURED
+    ├── VaultNotConfigured        503 VAULT_NOT_CONFIGURED     (no vault master secret)
+    ├── CloudUnavailable          503 CLOUD_UNAVAILABLE        (no upstream for a cloud model)
+    ├── UpstreamError             502 UPSTREAM_ERROR           (a cloud upstream failed)
+    │   ├── UpstreamAuthFailed    502 UPSTREAM_AUTH_FAILED     (it refused the key)
+    │   ├── UpstreamRateLimited   429 UPSTREAM_RATE_LIMITED    (with its Retry-After)
+    │   └── UpstreamTimeout       504 UPSTREAM_TIMEOUT
     ├── PaymentsNotConfigured     503 PAYMENTS_NOT_CONFIGURED  (no Stripe keys on this gateway)
     ├── PaymentProviderError      502 PAYMENT_PROVIDER_ERROR   (Stripe refused or was unreachable)
     ├── RoutingError              503                          (no device can take the request)
@@ -157,6 +165,54 @@ class SpendCapReached(BillingError):
 
     code = "DAILY_SPEND_CAP_EXCEEDED"
     type = "insufficient_quota"
+
+
+class AttestationFailed(SwarmgateError):
+    status_code = 403
+    code = "ATTESTATION_FAILED"
+    type = "permission_error"
+
+
+class AttestationUnavailable(SwarmgateError):
+    status_code = 503
+    code = "ATTESTATION_NOT_CONFIGURED"
+    type = "service_unavailable"
+
+
+class VaultNotConfigured(SwarmgateError):
+    status_code = 503
+    code = "VAULT_NOT_CONFIGURED"
+    type = "service_unavailable"
+
+
+class CloudUnavailable(SwarmgateError):
+    """No configured upstream serves the model."""
+
+    status_code = 503
+    code = "CLOUD_UNAVAILABLE"
+    type = "service_unavailable"
+
+
+class UpstreamError(SwarmgateError):
+    status_code = 502
+    code = "UPSTREAM_ERROR"
+    type = "upstream_error"
+
+
+class UpstreamAuthFailed(UpstreamError):
+    code = "UPSTREAM_AUTH_FAILED"
+
+
+class UpstreamRateLimited(UpstreamError):
+    status_code = 429
+    code = "UPSTREAM_RATE_LIMITED"
+    type = "rate_limit_error"
+
+
+class UpstreamTimeout(UpstreamError):
+    status_code = 504
+    code = "UPSTREAM_TIMEOUT"
+    type = "timeout_error"
 
 
 class PaymentsNotConfigured(SwarmgateError):

@@ -26,7 +26,14 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field
 
 from swarmgate.catalog import CatalogModel
-from swarmgate.errors import SwarmgateError
+from swarmgate.errors import (
+    CloudUnavailable,
+    SwarmgateError,
+    UpstreamAuthFailed,
+    UpstreamError,
+    UpstreamRateLimited,
+    UpstreamTimeout,
+)
 from swarmgate.protocol import ChatMessage, Delta, Done, SamplingParams, Usage
 
 log = logging.getLogger("swarmgate.upstreams")
@@ -39,37 +46,6 @@ class UpstreamConfig(BaseModel):
     base_url: str = Field(min_length=1, max_length=500)
     api_key: str = Field(default="", repr=False)
     timeout_s: float = Field(default=60.0, gt=0)
-
-
-# -- errors -------------------------------------------------------------------------------
-class UpstreamError(SwarmgateError):
-    status_code = 502
-    code = "UPSTREAM_ERROR"
-    type = "upstream_error"
-
-
-class UpstreamAuthFailed(UpstreamError):
-    code = "UPSTREAM_AUTH_FAILED"
-
-
-class UpstreamRateLimited(UpstreamError):
-    status_code = 429
-    code = "UPSTREAM_RATE_LIMITED"
-    type = "rate_limit_error"
-
-
-class UpstreamTimeout(UpstreamError):
-    status_code = 504
-    code = "UPSTREAM_TIMEOUT"
-    type = "timeout_error"
-
-
-class CloudUnavailable(SwarmgateError):
-    """No configured upstream serves the model (or the request forbids the cloud)."""
-
-    status_code = 503
-    code = "CLOUD_UNAVAILABLE"
-    type = "service_unavailable"
 
 
 _WORDS = re.compile(r"\w+|[^\w\s]", re.UNICODE)

@@ -175,9 +175,20 @@ async def test_a_stream_that_dies_after_the_failover_budget_still_continues(
 
 @pytest.mark.llama
 async def test_a_real_llama_cpp_stream_continues_on_another_real_device(
-    live: LiveGateway,
+    tmp_path: Path,
 ) -> None:
     pytest.importorskip("llama_cpp")
+    # Patient timeouts: a real model on a busy 2-core box.
+    live = await start_gateway(
+        fast_settings(tmp_path, first_token_timeout_s=60.0, token_stall_timeout_s=60.0)
+    )
+    try:
+        await _real_continuation(live)
+    finally:
+        await stop_gateway(live)
+
+
+async def _real_continuation(live: LiveGateway) -> None:
     from swarmgate.node.backends.base import DropConnection, GenerationRequest, TokenDelta
     from swarmgate.node.backends.llama_cpp import LlamaCppBackend
 

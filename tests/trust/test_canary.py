@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
@@ -12,7 +14,7 @@ from swarmgate.node.agent import NodeAgent
 from swarmgate.routing.registry import DeviceConnection
 from swarmgate.trust.canary import PASS_SIMILARITY, CanarySet, similarity
 from swarmgate.trust.score import SUSPEND_AT
-from tests.conftest import MODEL, LiveGateway
+from tests.conftest import MODEL, LiveGateway, fast_settings, start_gateway, stop_gateway
 
 CANARIES = CanarySet.load()
 
@@ -91,8 +93,21 @@ async def test_a_liar_is_caught_and_honest_devices_never_are(live: LiveGateway) 
         assert device.profile.canaries_failed == 0 and device.profile.suspicions == 0
 
 
+@pytest.fixture
+async def patient(tmp_path: Path) -> AsyncIterator[LiveGateway]:
+    """A gateway that waits for a real model on a busy 2-core box."""
+    live = await start_gateway(
+        fast_settings(tmp_path, first_token_timeout_s=60.0, token_stall_timeout_s=60.0)
+    )
+    try:
+        yield live
+    finally:
+        await stop_gateway(live)
+
+
 @pytest.mark.llama
-async def test_honest_llama_cpp_devices_pass_every_canary(live: LiveGateway) -> None:
+async def test_honest_llama_cpp_devices_pass_every_canary(patient: LiveGateway) -> None:
+    live = patient
     pytest.importorskip("llama_cpp")
     from swarmgate.node.backends.llama_cpp import LlamaCppBackend
     from swarmgate.protocol import DeviceFacts

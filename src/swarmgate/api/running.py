@@ -21,6 +21,7 @@ from swarmgate.billing.pricing import max_cost_micros
 from swarmgate.billing.service import BilledPart, RequestHold, prompt_token_bound
 from swarmgate.catalog import FREE, Pricing
 from swarmgate.errors import (
+    CloudUnavailable,
     Forbidden,
     ModelNotFound,
     ModelWarming,
@@ -32,7 +33,6 @@ from swarmgate.gateway import Gateway
 from swarmgate.protocol import ChatMessage, Delta, Done
 from swarmgate.routing.choice import ModelPool, Route
 from swarmgate.routing.dispatch import Completion, Execution, JobSpec
-from swarmgate.upstreams import CloudUnavailable
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 DONE_FRAME = b"data: [DONE]\n\n"

@@ -14,7 +14,13 @@ from swarmgate.api.deps import AdminDep, CurrentDevice, CurrentPrincipal, Gatewa
 from swarmgate.api.responses import json_response
 from swarmgate.api.schemas import parse_body
 from swarmgate.catalog import Pricing
-from swarmgate.errors import Forbidden, NotFound, RequestError, SwarmgateError
+from swarmgate.errors import (
+    AttestationFailed,
+    AttestationUnavailable,
+    Forbidden,
+    NotFound,
+    RequestError,
+)
 from swarmgate.gateway import Gateway
 from swarmgate.routing.profile import DeviceProfile
 from swarmgate.store.tables import devices
@@ -23,18 +29,6 @@ from swarmgate.trust.score import SUSPEND_AT
 router = APIRouter(tags=["trust"])
 
 _MAX_BODY = 65_536
-
-
-class AttestationUnavailable(SwarmgateError):
-    status_code = 503
-    code = "ATTESTATION_NOT_CONFIGURED"
-    type = "service_unavailable"
-
-
-class AttestationFailed(SwarmgateError):
-    status_code = 403
-    code = "ATTESTATION_FAILED"
-    type = "permission_error"
 
 
 class PriceBody(BaseModel):

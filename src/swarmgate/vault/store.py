@@ -16,18 +16,12 @@ from datetime import UTC, datetime
 from sqlalchemy import delete, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from swarmgate.errors import NotFound, SwarmgateError
+from swarmgate.errors import NotFound, VaultNotConfigured
 from swarmgate.store.db import write_transaction
 from swarmgate.store.tables import vault_keys
 from swarmgate.vault.crypto import Sealed, VaultCipher, VaultError
 
 log = logging.getLogger("swarmgate.vault")
-
-
-class VaultNotConfigured(SwarmgateError):
-    status_code = 503
-    code = "VAULT_NOT_CONFIGURED"
-    type = "service_unavailable"
 
 
 @dataclass(frozen=True, slots=True)
