@@ -74,6 +74,8 @@ class GatewaySettings(BaseSettings):
     # The vault's master secret; required outside development (the vault is off without it).
     vault_master_secret: str = Field(default="", repr=False)
     vault_key_version: int = 1  # raise it when rotating the master secret
+    # Let developers' base URLs point at private addresses (a gateway on a private network).
+    vault_allow_private_urls: bool = False
 
     # jobs
     job_log_flush_ms: int = 50

@@ -150,6 +150,10 @@ async def test_the_api_never_shows_stores_or_logs_the_key(
             assert bad.status_code == 400 and bad.json()["error"]["param"] == "provider"
             short = await client.post("/v1/vault", json={"apiKey": "x"})
             assert short.status_code == 400
+            for url in ("http://127.0.0.1:6379/v1", "http://10.0.0.8/v1", "http://[::1]/v1"):
+                private = await client.post("/v1/vault", json={"apiKey": API_KEY, "baseUrl": url})
+                assert private.status_code == 400, url
+                assert private.json()["error"]["param"] == "baseUrl"
         async with live.client(other) as client:
             assert (await client.get("/v1/vault")).json()["exists"] is False
             missing = await client.delete("/v1/vault", params={"provider": "openrouter"})

@@ -7,7 +7,10 @@ account's cloud requests there use it, and are charged only the platform's fee.
 
 from __future__ import annotations
 
+import asyncio
+import ipaddress
 from typing import Annotated
+from urllib.parse import urlsplit
 
 from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -63,12 +66,36 @@ def _provider(gateway: Gateway, asked: str | None) -> str:
     return asked
 
 
+async def _public_url(gateway: Gateway, url: str) -> None:
+    """A developer's base URL must not point the gateway at its own network (loopback,
+    private, link-local addresses), unless the operator allows it."""
+    if gateway.settings.vault_allow_private_urls:
+        return
+    host = urlsplit(url).hostname or ""
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(host, None)
+    except OSError:
+        raise RequestError(
+            f"The host of baseUrl ({host!r}) does not resolve.", param="baseUrl"
+        ) from None
+    for info in infos:
+        address = ipaddress.ip_address(info[4][0])
+        if not address.is_global:
+            raise RequestError(
+                "baseUrl must be a public address; this gateway does not call private, "
+                "loopback or link-local hosts for you.",
+                param="baseUrl",
+            )
+
+
 @router.post(
     "", status_code=201, summary="Store (or replace) an upstream API key", response_model=None
 )
 async def put_key(request: Request, principal: CurrentPrincipal, gateway: GatewayDep) -> Response:
     body = parse_body(VaultKey, await read_body(request, _MAX_BODY))
     provider = _provider(gateway, body.provider)
+    if body.base_url is not None:
+        await _public_url(gateway, body.base_url)
     entry = await gateway.vault.put(principal.account_id, provider, body.api_key, body.base_url)
     return json_response(entry.describe(), status_code=201)
 
