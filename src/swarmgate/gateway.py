@@ -100,6 +100,7 @@ class Gateway:
             billing=self.billing,
             catalog=self.catalog,
             price_of=self.device_price,
+            cloud_price=lambda model, byok: self.cloud_price(model, byok=byok),
         )
         self.canaries = CanaryRunner(
             self.registry,

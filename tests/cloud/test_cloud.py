@@ -3,6 +3,7 @@ not, failover between upstreams, privacy_mode, BYOK through the vault, upstream 
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -250,6 +251,25 @@ async def test_byok_routes_through_the_accounts_own_key_for_a_fee(
         fee = cloud.gateway.cloud_price("cloud-good", byok=True)
         assert fee.output_per_1m_micros == PRICE["output_per_1m_micros"] // 10
         assert row.cost_micros == job_cost_micros(fee, 11, 4)
+
+        # A queued job through the vault key pays the fee too.
+        queued = await client.post(
+            "/v1/jobs", json={"model": "cloud-good", "prompt": "hello there", "max_tokens": 20}
+        )
+        assert queued.status_code == 202, queued.text
+        job_id = queued.json()["id"]
+        for _ in range(200):
+            job = (await client.get(f"/v1/jobs/{job_id}")).json()
+            if job["status"] in ("completed", "failed"):
+                break
+            await asyncio.sleep(0.02)
+        assert job["status"] == "completed", job
+        await cloud.gateway.billing.writer.posted()
+        async with cloud.gateway.engine.connect() as db:
+            queued_row = (await db.execute(select(charges).where(charges.c.job_id == job_id))).one()
+        assert queued_row.cost_micros == job_cost_micros(
+            fee, queued_row.prompt_tokens, queued_row.completion_tokens
+        )
 
         # A refused own key: a clear error naming the vault key, then the next upstream.
         await client.post("/v1/vault", json={"provider": "alpha", "apiKey": "sk-revoked-key-0000"})

@@ -38,9 +38,11 @@ class BackgroundJobs:
         billing: Billing,
         catalog: Catalog,
         price_of: Callable[[str | None, str], Pricing],
+        cloud_price: Callable[[str, bool], Pricing] | None = None,
         workers: int = 32,
     ) -> None:
         self._price_of = price_of
+        self._cloud_price = cloud_price
         self._engine = engine
         self._billing = billing
         self._catalog = catalog
@@ -200,9 +202,7 @@ class BackgroundJobs:
                 device_id=device.device_id if device else None,
                 provider_account_id=device.account_id if device else None,
                 model=execution.model,
-                pricing=self._price_of(
-                    device.device_id if device else None, execution.model or spec.model
-                ),
+                pricing=self._job_price(execution, spec),
             )
         except SwarmgateError as exc:
             await self._billing.void_in_ledger(hold)
@@ -211,6 +211,14 @@ class BackgroundJobs:
                 execution,
                 {"status": "failed", "error_code": exc.code, "error_message": exc.message},
             )
+
+    def _job_price(self, execution: Execution, spec: JobSpec) -> Pricing:
+        """The serving device's price, or the cloud's (only the fee with the account's key)."""
+        run = execution.cloud_run
+        if execution.inference_type == "cloud" and self._cloud_price is not None:
+            return self._cloud_price(spec.model, bool(run and run.byok))
+        device = execution.device
+        return self._price_of(device.device_id if device else None, execution.model or spec.model)
 
     async def _hold(self, row: Any, spec: JobSpec) -> RequestHold | None:
         """The job's ledger hold: the one taken at submission if still open, else a new one."""
