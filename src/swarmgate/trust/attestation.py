@@ -332,7 +332,9 @@ class PlayIntegrityVerifier:
             raise AttestationRejected("bad_encryption", "the JWE uses an unsupported extension")
         # RFC 7518: a 256-bit key wraps to 40 bytes; GCM here has a 96-bit IV, 128-bit tag.
         if len(wrapped_key) != 40 or len(iv) != 12 or len(tag) != 16:
-            raise AttestationRejected("bad_encryption", "the JWE's key, IV or tag has the wrong size")
+            raise AttestationRejected(
+                "bad_encryption", "the JWE's key, IV or tag has the wrong size"
+            )
         try:
             content_key = aes_key_unwrap(self._decryption_key, wrapped_key)
             # The AAD is the header exactly as received, so re-encoding it breaks the tag.
