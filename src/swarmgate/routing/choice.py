@@ -53,7 +53,6 @@ if TYPE_CHECKING:
     from swarmgate.routing.registry import DeviceConnection
 
 Tier = Literal["cheapest", "balanced", "fastest"]
-TIERS: tuple[Tier, ...] = ("cheapest", "balanced", "fastest")
 
 TRUSTED_ABOVE = 0.8
 PRIOR_TTFT_MS = 1000.0
