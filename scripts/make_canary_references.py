@@ -1,10 +1,13 @@
 """Writes src/swarmgate/canaries.json: the canary prompts and, for each bundled model a
 node can load here, the answer the real llama.cpp backend gives (greedy, fixed seed).
 
-    .venv/bin/python scripts/make_canary_references.py [--models ID ...]
+    .venv/bin/python scripts/make_canary_references.py [--models ID ...] [--merge]
 
 Run it again when the prompts, the models or llama.cpp change; the gateway compares
-devices' answers with these references with a tolerance (trust/canary.py).
+devices' answers with these references with a tolerance (trust/canary.py). Greedy
+answers can differ between builds for different processors (AVX-512, AVX2, ARM):
+``--merge`` keeps the references already in the file and adds this machine's answer to
+a prompt as an accepted alternative where it differs from all of them.
 """
 
 from __future__ import annotations
@@ -49,13 +52,34 @@ async def answer(backend: LlamaCppBackend, model: str, prompt: str) -> str:
     return "".join(parts)
 
 
-async def main(models: list[str]) -> None:
-    references: dict[str, dict[str, list[str]]] = {}
+def _accepted(entry: str | list[str]) -> list[str]:
+    return [entry] if isinstance(entry, str) else list(entry)
+
+
+async def main(models: list[str], merge: bool) -> None:
+    existing: dict[str, dict[str, list[str | list[str]]]] = {}
+    if merge and OUT.exists():
+        old = orjson.loads(OUT.read_bytes())
+        if old["prompts"] != PROMPTS or old["max_tokens"] != MAX_TOKENS or old["seed"] != SEED:
+            raise SystemExit("the prompts changed: make new references without --merge")
+        existing = old["references"]
+    references: dict[str, dict[str, list[str | list[str]]]] = dict(existing)
     for model in models:
         backend = LlamaCppBackend()
         await backend.load([model])
-        references[model] = {"llama-cpp": [await answer(backend, model, p) for p in PROMPTS]}
+        answers = [await answer(backend, model, p) for p in PROMPTS]
         await backend.close()
+        before = existing.get(model, {}).get("llama-cpp")
+        if before is None:
+            references[model] = {"llama-cpp": list(answers)}
+            continue
+        merged: list[str | list[str]] = []
+        for entry, new in zip(before, answers, strict=True):
+            accepted = _accepted(entry)
+            if new not in accepted:
+                accepted.append(new)
+            merged.append(accepted[0] if len(accepted) == 1 else accepted)
+        references[model] = {**references.get(model, {}), "llama-cpp": merged}
     data = {"prompts": PROMPTS, "max_tokens": MAX_TOKENS, "seed": SEED, "references": references}
     OUT.write_bytes(orjson.dumps(data, option=orjson.OPT_INDENT_2) + b"\n")
     print(f"wrote {OUT}")
@@ -64,4 +88,6 @@ async def main(models: list[str]) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=["smollm2-135m-instruct-q4_1"])
-    asyncio.run(main(parser.parse_args().models))
+    parser.add_argument("--merge", action="store_true", help="add to the existing references")
+    args = parser.parse_args()
+    asyncio.run(main(args.models, args.merge))

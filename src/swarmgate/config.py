@@ -77,6 +77,14 @@ class GatewaySettings(BaseSettings):
     # Let developers' base URLs point at private addresses (a gateway on a private network).
     vault_allow_private_urls: bool = False
 
+    # conversation memory
+    # Conversations idle this many days are deleted, with their messages (0: kept).
+    memory_retention_days: int = Field(default=30, ge=0)
+    memory_sweep_interval_s: float = Field(default=3600.0, gt=0)
+    # Auto memory: a key's requests join its latest conversation unless it has been idle
+    # this long (an X-Session-ID header names the session instead).
+    memory_session_idle_s: float = Field(default=1800.0, gt=0)
+
     # jobs
     job_log_flush_ms: int = 50
     key_cache_ttl_s: float = 30.0

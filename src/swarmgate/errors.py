@@ -111,6 +111,23 @@ class NotFound(SwarmgateError):
     type = "invalid_request_error"
 
 
+class ConversationNotFound(NotFound):
+    code = "CONVERSATION_NOT_FOUND"
+
+
+class ContextLengthExceeded(RequestError):
+    """The request's own messages, with max_tokens, do not fit the model's context."""
+
+    code = "CONTEXT_LENGTH_EXCEEDED"
+
+
+class MemoryUnavailable(SwarmgateError):
+    """A conversation's exchange could not be stored; the answer is withheld, unpaid."""
+
+    status_code = 503
+    code = "CONVERSATION_NOT_SAVED"
+
+
 class Forbidden(SwarmgateError):
     """Authenticated, but this key or account may not do this (e.g. a model off its list)."""
 

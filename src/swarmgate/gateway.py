@@ -22,6 +22,7 @@ from swarmgate.billing.settlement import PendingCharge
 from swarmgate.catalog import Catalog, Pricing
 from swarmgate.config import GatewaySettings
 from swarmgate.errors import AuthError
+from swarmgate.memory.service import Memory
 from swarmgate.protocol import CLOSE_HEARTBEAT_TIMEOUT
 from swarmgate.routing.background import BackgroundJobs
 from swarmgate.routing.dispatch import CloudPlan, DispatchPolicy, Execution, JobSpec
@@ -131,6 +132,7 @@ class Gateway:
             )
         self.vault = Vault(self.engine, cipher)
         self.webhooks = Webhooks(self.engine, settings)
+        self.memory = Memory(self.engine, settings, self.catalog, self.registry)
         self.billing.listeners.append(self._charge_settled)
         self.ready = False
         self._tasks: list[asyncio.Task[None]] = []
@@ -234,6 +236,7 @@ class Gateway:
         self.trust.start()
         self.canaries.start()
         await self.background.start()
+        self.memory.start()
         self._tasks = [
             asyncio.create_task(self._watch_heartbeats(), name="heartbeat-watch"),
             asyncio.create_task(self._flush_key_use(), name="key-use-flush"),
@@ -250,6 +253,7 @@ class Gateway:
                 await task
         await self.background.stop()
         await self.canaries.stop()
+        await self.memory.stop()
         for device in self.registry.devices():
             device.close("gateway shutting down")
         await self.billing.stop()  # every charge already queued is written

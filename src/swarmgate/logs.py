@@ -24,6 +24,7 @@ PAYLOAD_LOGGERS = (
     "openai",
     "uvicorn.protocols",
     "llama_cpp",
+    "llama-cpp-python",
 )
 # Extras with these names are dropped even if some caller passes them by mistake.
 _FORBIDDEN = frozenset({"prompt", "messages", "content", "text", "completion", "output"})

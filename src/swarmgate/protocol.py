@@ -46,6 +46,9 @@ class DeviceFacts(Frame):
 class LoadedModel(Frame):
     id: str = Field(min_length=1, max_length=200)
     sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+    # Tokens the device's context holds for this model (prompt and answer together);
+    # None: as the catalog says.
+    context_length: int | None = Field(default=None, ge=1, le=10_000_000)
 
 
 class Hello(Frame):

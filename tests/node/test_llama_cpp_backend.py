@@ -38,6 +38,7 @@ class ScriptedLlama:
         self.pieces = pieces
         self.end_with_eos = end_with_eos
         self.seed: int | None = None
+        self.resets = 0
         self.closed = False
 
     def tokenize(self, text: bytes, add_bos: bool = True, special: bool = False) -> list[int]:
@@ -51,6 +52,9 @@ class ScriptedLlama:
 
     def set_seed(self, seed: int) -> None:
         self.seed = seed
+
+    def reset(self) -> None:
+        self.resets += 1
 
     def generate(self, tokens: list[int], **sampling: Any) -> Iterator[int]:
         yield from range(1, len(self.pieces) + 1)
@@ -105,6 +109,14 @@ def test_one_delta_per_token_and_eos_is_not_counted() -> None:
     events = _run_scripted([b"Hel", b"lo", b" there"])
     assert [d.text for d in _deltas(events)] == ["Hel", "lo", " there"]
     assert events[-1] == Finished(finish_reason="stop", prompt_tokens=5, completion_tokens=3)
+
+
+def test_every_job_evaluates_its_prompt_whole() -> None:
+    # No reuse of the previous job's cached prefix: the same request must answer the same.
+    llm = ScriptedLlama([b"a"])
+    for _ in range(2):
+        _generate_blocking(llm, _formatter, _request(), 2048, threading.Event(), lambda _e: None)  # type: ignore[arg-type]
+    assert llm.resets == 2
 
 
 def test_max_tokens_ends_with_length() -> None:

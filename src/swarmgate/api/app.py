@@ -13,12 +13,14 @@ from swarmgate.api import (
     auth,
     billing,
     chat,
+    conversations,
     health,
     inference,
     keys,
     models,
     nodes,
     provider,
+    running,
     trust,
     usage,
     vault,
@@ -57,6 +59,7 @@ def create_app(settings: GatewaySettings | None = None, gateway: Gateway | None 
         telemetry={"tracing": False, "metrics": False, "logs": False, "operation_spans": False},
     )
     app.state.gateway = gateway
+    gateway.memory.runner = running.upkeep_runner(gateway)
     install_error_handlers(app)
     for module in (
         chat,
@@ -73,6 +76,7 @@ def create_app(settings: GatewaySettings | None = None, gateway: Gateway | None 
         usage,
         trust,
         vault,
+        conversations,
     ):
         app.include_router(module.router)
     return app

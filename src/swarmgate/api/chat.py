@@ -30,6 +30,7 @@ from swarmgate.api.schemas import ChatCompletionRequest, parse_body
 from swarmgate.catalog import CatalogModel
 from swarmgate.errors import ModelNotFound, RequestError
 from swarmgate.gateway import Gateway
+from swarmgate.memory.service import MemoryTurn
 from swarmgate.protocol import ChatMessage, Delta, Done, SamplingParams
 from swarmgate.routing.dispatch import Execution, JobSpec
 
@@ -64,11 +65,17 @@ def check_max_tokens(gateway: Gateway, model_id: str, max_tokens: int) -> str:
 
 
 def chat_spec(
-    gateway: Gateway, body: ChatCompletionRequest, principal: Principal, job_id: str
+    gateway: Gateway,
+    body: ChatCompletionRequest,
+    principal: Principal,
+    job_id: str,
+    messages: tuple[ChatMessage, ...] | None = None,
 ) -> JobSpec:
+    """The job for a chat request; ``messages`` replaces the body's (conversation memory)."""
     max_tokens = body.requested_max_tokens(DEFAULT_MAX_TOKENS)
     model_id = check_max_tokens(gateway, body.model, max_tokens)
-    messages = tuple(ChatMessage(role=m.chat_role, content=m.text) for m in body.messages)
+    if messages is None:
+        messages = tuple(ChatMessage(role=m.chat_role, content=m.text) for m in body.messages)
     return JobSpec(
         job_id=job_id,
         account_id=principal.account_id,
@@ -110,20 +117,61 @@ async def create_chat_completion(
     return await chat_completions(request, gateway, principal)
 
 
+def memory_models(
+    gateway: Gateway, body: ChatCompletionRequest, model_id: str, principal: Principal
+) -> tuple[str, ...]:
+    """The models a request may run on, for sizing its conversation's prompt."""
+    if model_id == AUTO_MODEL:
+        return tuple(m for m in gateway.registry.served_models() if principal.settings.allows(m))
+    extra = (m for m in body.fallback_models or () if gateway.catalog.get(m) is not None)
+    return (model_id, *extra)
+
+
+async def remember(
+    request: Request, gateway: Gateway, body: ChatCompletionRequest, principal: Principal
+) -> MemoryTurn | None:
+    """The request's conversation turn, or None for a stateless request."""
+    conversation_id = await gateway.memory.conversation_for(
+        principal, body.conversation_id, request.headers.get("x-session-id")
+    )
+    if conversation_id is None:
+        return None
+    max_tokens = body.requested_max_tokens(DEFAULT_MAX_TOKENS)
+    model_id = check_max_tokens(gateway, body.model, max_tokens)
+    models = memory_models(gateway, body, model_id, principal)
+    return await gateway.memory.prepare(
+        principal,
+        conversation_id,
+        [(m.chat_role, m.text) for m in body.messages],
+        models=models or (model_id,),
+        max_tokens=max_tokens,
+    )
+
+
 async def chat_completions(request: Request, gateway: Gateway, principal: Principal) -> Response:
     """The endpoint itself; served from the hot path (``api/hotpath.py``) in the gateway."""
     raw = await read_body(request, gateway.settings.max_body_bytes)
     body = parse_body(ChatCompletionRequest, raw)
     job_id = new_job_id("chatcmpl-")
-    admitted = await admit(gateway, principal, chat_spec(gateway, body, principal, job_id))
+    turn = None
+    if body.conversation_id is not None or principal.settings.auto_memory:
+        turn = await remember(request, gateway, body, principal)
+    spec = chat_spec(gateway, body, principal, job_id, turn.messages if turn else None)
+    admitted = await admit(gateway, principal, spec)
     spec = admitted.spec
     execution = gateway.execution(spec)
     created_at = now_utc()
     created = int(created_at.timestamp())
+    extra = {"conversation_id": turn.conversation_id} if turn is not None else None
+    headers = {"X-Conversation-ID": turn.conversation_id} if turn is not None else None
 
     if not body.stream:
         try:
             completion = await complete_or_cancel(request, execution)
+            if turn is not None:
+                await gateway.memory.commit(
+                    turn, completion.text, job_id=job_id, model=execution.model or spec.model
+                )
             await settle(gateway, admitted, execution)
         except ClientGone:
             return Response(status_code=499)
@@ -150,8 +198,9 @@ async def chat_completions(request: Request, gateway: Gateway, principal: Princi
                     "total_tokens": completion.prompt_tokens + completion.completion_tokens,
                 },
                 "system_fingerprint": None,
-                "swarmgate": swarmgate_info(execution),
-            }
+                "swarmgate": swarmgate_info(execution, extra),
+            },
+            headers=headers,
         )
 
     try:
@@ -162,13 +211,29 @@ async def chat_completions(request: Request, gateway: Gateway, principal: Princi
         raise
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     frames = _chunk_renderer(
-        job_id, created, execution.model or spec.model, execution, include_usage
+        job_id, created, execution.model or spec.model, execution, include_usage, extra
     )
-    return stream_response(gateway, execution, first, events, created_at, frames, admitted)
+    on_done = None
+    if turn is not None:
+        remembered = turn
+
+        async def on_done(text: str) -> None:
+            await gateway.memory.commit(
+                remembered, text, job_id=job_id, model=execution.model or spec.model
+            )
+
+    return stream_response(
+        gateway, execution, first, events, created_at, frames, admitted, on_done, headers
+    )
 
 
 def _chunk_renderer(
-    job_id: str, created: int, model: str, execution: Execution, include_usage: bool
+    job_id: str,
+    created: int,
+    model: str,
+    execution: Execution,
+    include_usage: bool,
+    extra: dict[str, Any] | None = None,
 ) -> Any:
     state = {"role_sent": False, "finish_reason": None}
 
@@ -203,7 +268,7 @@ def _chunk_renderer(
             out.append(sse(chunk({"role": "assistant", "content": ""}, None)))
             state["role_sent"] = True
         closing = chunk({}, event.finish_reason)
-        closing["swarmgate"] = swarmgate_info(execution)
+        closing["swarmgate"] = swarmgate_info(execution, extra)
         out.append(sse(closing))
         if include_usage:
             usage = event.usage
@@ -221,7 +286,7 @@ def _chunk_renderer(
                             "completion_tokens": usage.completion_tokens,
                             "total_tokens": usage.prompt_tokens + usage.completion_tokens,
                         },
-                        "swarmgate": swarmgate_info(execution),
+                        "swarmgate": swarmgate_info(execution, extra),
                     }
                 )
             )

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Iterable
 
 from fastapi import APIRouter, WebSocket
 from pydantic import ValidationError
@@ -32,6 +33,7 @@ from swarmgate.protocol import (
     Heartbeat,
     Hello,
     JobError,
+    LoadedModel,
     ModelsChanged,
     NodeFrameType,
     Welcome,
@@ -133,6 +135,7 @@ async def connect(ws: WebSocket) -> None:
         send_text=ws.send_text,
         node_version=hello.node_version,
         profile=profile,
+        contexts=_contexts(hello.models, accepted),
     )
     await _record_hello(gateway, principal.device_id, hello)
     welcome = Welcome(
@@ -215,7 +218,7 @@ async def _read(ws: WebSocket, device: DeviceConnection, gateway: Gateway, limit
             accepted = frozenset(
                 m.id for m in frame.models if gateway.catalog.accepts_artifact(m.id, m.sha256)
             )
-            gateway.registry.update_models(device, accepted)
+            gateway.registry.update_models(device, accepted, _contexts(frame.models, accepted))
         else:
             raise ProtocolViolation(CLOSE_OUT_OF_ORDER, "hello was already received")
 
@@ -250,3 +253,8 @@ async def _record_hello(gateway: Gateway, device_id: str, hello: Hello) -> None:
                 last_seen_at=utcnow(),
             )
         )
+
+
+def _contexts(models: list[LoadedModel], accepted: Iterable[str]) -> dict[str, int]:
+    kept = set(accepted)
+    return {m.id: m.context_length for m in models if m.id in kept and m.context_length is not None}

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import secrets
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -30,7 +31,8 @@ from swarmgate.errors import (
     SwarmgateError,
 )
 from swarmgate.gateway import Gateway
-from swarmgate.protocol import ChatMessage, Delta, Done
+from swarmgate.memory.service import Runner
+from swarmgate.protocol import ChatMessage, Delta, Done, SamplingParams
 from swarmgate.routing.choice import ModelPool, Route
 from swarmgate.routing.dispatch import Completion, Execution, JobSpec
 
@@ -46,7 +48,7 @@ def sse(payload: dict[str, Any]) -> bytes:
     return b"data: " + orjson.dumps(payload) + b"\n\n"
 
 
-def swarmgate_info(execution: Execution) -> dict[str, Any]:
+def swarmgate_info(execution: Execution, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     info: dict[str, Any] = {
         "inference_type": execution.inference_type,
         "device_id": execution.device.device_id if execution.device else None,
@@ -64,6 +66,8 @@ def swarmgate_info(execution: Execution) -> dict[str, Any]:
             {"device_id": part.device_id, "completion_tokens": part.completion_tokens}
             for part in execution.parts
         ]
+    if extra:
+        info.update(extra)
     return info
 
 
@@ -335,18 +339,27 @@ def stream_response(
     created_at: datetime,
     frames: Callable[[Delta | Done | None], list[bytes]],
     admitted: Admitted,
+    on_done: Callable[[str], Awaitable[None]] | None = None,
+    headers: dict[str, str] | None = None,
 ) -> StreamingResponse:
     """SSE body: ``frames(event)`` renders each event, ``frames(None)`` the closing frames.
 
     The job is charged when its last event arrives, before the closing frames (finish
     reason, usage, ``[DONE]``) are sent; a stream that ends any other way is not charged.
+    ``on_done(text)`` (conversation memory) runs with the whole answer just before the
+    charge; if it raises, the stream ends with that error, uncharged.
     """
+    parts: list[str] | None = [] if on_done is not None else None
 
     async def body() -> AsyncIterator[bytes]:
         try:
             event: Delta | Done | None = first
             while event is not None:
+                if parts is not None and isinstance(event, Delta):
+                    parts.append(event.text)
                 if isinstance(event, Done):
+                    if on_done is not None and parts is not None:
+                        await on_done("".join(parts))
                     await settle(gateway, admitted, execution)
                 for frame in frames(event):
                     yield frame
@@ -363,8 +376,52 @@ def stream_response(
                 await events.aclose()
             gateway.job_log.record(execution, created_at)
 
-    return StreamingResponse(body(), media_type="text/event-stream", headers=SSE_HEADERS)
+    return StreamingResponse(
+        body(),
+        media_type="text/event-stream",
+        headers=SSE_HEADERS if headers is None else {**SSE_HEADERS, **headers},
+    )
 
 
 def now_utc() -> datetime:
     return datetime.now(UTC)
+
+
+def upkeep_runner(gateway: Gateway) -> Runner:
+    """Runs the title and summary jobs of conversation memory (``memory.service.Runner``)
+    like requests of the same key: admitted, charged, recorded; None when one fails."""
+    log = logging.getLogger("swarmgate.memory")
+
+    async def run(
+        principal: Principal, model: str, messages: tuple[ChatMessage, ...], max_tokens: int
+    ) -> tuple[str, str] | None:
+        job_id = new_job_id("chatcmpl-")
+        spec = JobSpec(
+            job_id=job_id,
+            account_id=principal.account_id,
+            key_id=principal.key_id,
+            kind="chat",
+            model=model,
+            messages=messages,
+            params=SamplingParams(max_tokens=max_tokens, temperature=0.0, top_p=1.0),
+            stream=False,
+        )
+        created_at = now_utc()
+        try:
+            admitted = await admit(gateway, principal, spec)
+        except SwarmgateError as exc:
+            log.warning("a conversation upkeep job was not admitted: %s", exc.code)
+            return None
+        execution = gateway.execution(admitted.spec)
+        try:
+            completion = await execution.complete()
+            await settle(gateway, admitted, execution)
+        except SwarmgateError as exc:
+            log.warning("a conversation upkeep job failed: %s", exc.code)
+            return None
+        finally:
+            release(gateway, admitted)
+            gateway.job_log.record(execution, created_at)
+        return completion.text, job_id
+
+    return run

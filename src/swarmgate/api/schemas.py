@@ -107,6 +107,8 @@ class ChatCompletionRequest(RoutingFields):
     stream_options: StreamOptions | None = None
     user: str | None = Field(default=None, max_length=256)
     n: int | None = None
+    # Conversation memory: the stored conversation this request continues.
+    conversation_id: str | None = Field(default=None, min_length=1, max_length=64)
 
     @field_validator("n")
     @classmethod

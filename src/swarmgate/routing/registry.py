@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import random
 import time
-from collections import deque
+from collections import Counter, defaultdict, deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -74,6 +74,8 @@ class DeviceConnection:
     warming: frozenset[str] = frozenset()
     # The index entries this device is in; kept current as its slots and state change.
     pools: list[ModelPool] = field(default_factory=list)
+    # Model → the context length the device reported for it (absent: the catalog's).
+    contexts: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.profile is None:
@@ -148,6 +150,8 @@ class DeviceRegistry:
     ) -> None:
         self._by_id: dict[str, DeviceConnection] = {}
         self._pools: dict[str, ModelPool] = {}
+        # Model → context length → how many connected devices reported it.
+        self._contexts: defaultdict[str, Counter[int]] = defaultdict(Counter)
         self._pricing_of = pricing_of
         self._warming: dict[str, set[str]] = {}
         self._waiters: dict[str, deque[asyncio.Future[None]]] = {}
@@ -165,6 +169,9 @@ class DeviceRegistry:
         return pool
 
     def _join(self, device: DeviceConnection, model: str) -> None:
+        context = device.contexts.get(model)
+        if context is not None:
+            self._contexts[model][context] += 1
         pool = self._pool(model)
         pool.add(device)
         device.pools.append(pool)
@@ -174,6 +181,14 @@ class DeviceRegistry:
         pool.place(device)
 
     def _leave(self, device: DeviceConnection, model: str) -> None:
+        context = device.contexts.get(model)
+        if context is not None:
+            counts = self._contexts[model]
+            counts[context] -= 1
+            if counts[context] <= 0:
+                del counts[context]
+            if not counts:
+                del self._contexts[model]
         pool = self._pools.get(model)
         if pool is None:
             return
@@ -201,10 +216,21 @@ class DeviceRegistry:
         for model in device.models:
             self._leave(device, model)
 
-    def update_models(self, device: DeviceConnection, models: frozenset[str]) -> None:
+    def update_models(
+        self,
+        device: DeviceConnection,
+        models: frozenset[str],
+        contexts: dict[str, int] | None = None,
+    ) -> None:
         """Re-indexes a connected device whose set of served models changed."""
         if self._by_id.get(device.device_id) is not device:
             return
+        if contexts is not None and contexts != device.contexts:
+            for model in device.models:  # leave and rejoin with the new context lengths
+                self._leave(device, model)
+            device.contexts = contexts
+            for model in device.models:
+                self._join(device, model)
         for model in device.models - models:
             self._leave(device, model)
         added = models - device.models
@@ -247,6 +273,12 @@ class DeviceRegistry:
 
     def has_model(self, model: str) -> bool:
         return model in self._pools
+
+    def context_length(self, model: str) -> int | None:
+        """The smallest context any connected device reported for ``model`` (None: no
+        device reported one)."""
+        counts = self._contexts.get(model)
+        return min(counts) if counts else None
 
     def device_count(self, model: str) -> int:
         pool = self._pools.get(model)

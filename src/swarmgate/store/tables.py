@@ -378,3 +378,67 @@ webhook_deliveries = Table(
     UniqueConstraint("endpoint_id", "event_id", name="uq_webhook_deliveries_event"),
     Index("ix_webhook_deliveries_due", "status", "next_attempt_at"),
 )
+
+# Conversation memory (memory/): stored at the developer's request, deleted for real.
+conversations = Table(
+    "conversations",
+    metadata,
+    Column("id", String(40), primary_key=True),
+    Column("account_id", String(40), ForeignKey("accounts.id", ondelete="CASCADE"), nullable=False),
+    Column("key_id", String(40)),  # the key that created it
+    # Auto memory: "auto" for the key's inactivity-split sessions, "x:<X-Session-ID>" for
+    # explicit ones; null for conversations created over the API.
+    Column("session", String(300)),
+    Column("title", String(200)),
+    Column("title_source", String(16)),  # user | model | fallback
+    Column("system", Text),  # the system prompt of requests that bring none
+    Column("model", String(200)),  # the model of the latest exchange
+    Column("message_count", Integer, nullable=False, default=0),
+    Column("summary_version", Integer, nullable=False, default=0),
+    # The id of the newest message folded into the summary (0: none).
+    Column("summarized_through", BigInteger, nullable=False, default=0),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("last_activity_at", DateTime(timezone=True), nullable=False),
+    Index("ix_conversations_account_activity", "account_id", "last_activity_at"),
+    Index("ix_conversations_session", "key_id", "session", "last_activity_at"),
+    Index("ix_conversations_activity", "last_activity_at"),
+)
+
+conversation_messages = Table(
+    "conversation_messages",
+    metadata,
+    Column(
+        "id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    ),
+    Column(
+        "conversation_id",
+        String(40),
+        ForeignKey("conversations.id", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    Column("role", String(16), nullable=False),
+    Column("content", Text, nullable=False),
+    Column("tokens", Integer, nullable=False),
+    Column("counted_by", String(200), nullable=False),  # the tokenizer behind ``tokens``
+    Column("job_id", String(64)),  # the request that added it
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Index("ix_conversation_messages_conversation", "conversation_id", "id"),
+)
+
+# Every version of a conversation's rolling summary; the conversation names the current.
+conversation_summaries = Table(
+    "conversation_summaries",
+    metadata,
+    Column(
+        "conversation_id",
+        String(40),
+        ForeignKey("conversations.id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    Column("version", Integer, primary_key=True),
+    Column("content", Text, nullable=False),
+    Column("tokens", Integer, nullable=False),
+    Column("through_message_id", BigInteger, nullable=False),
+    Column("job_id", String(64)),  # the model job that wrote it
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)

@@ -11,9 +11,11 @@ compared with the reference for the model it claims to serve:
   ``MIN_COMPARED_WORDS`` — an honest device that stops a little early still matches,
   one that says almost nothing does not. At or above ``PASS_SIMILARITY`` it passes.
 * References for ``llama-cpp`` devices ship in ``canaries.json`` (made with
-  ``scripts/make_canary_references.py`` from the real model); ``sim`` devices get the
-  simulated answer their honest version would give. A device whose engine has no
-  reference for a model gets no canary for it.
+  ``scripts/make_canary_references.py`` from the real model). Where builds for
+  different processors (AVX-512, AVX2, ...) give different greedy answers to a prompt,
+  each is kept as an accepted alternative and an answer is scored against the closest
+  one. ``sim`` devices get the simulated answer their honest version would give. A
+  device whose engine has no reference for a model gets no canary for it.
 
 A failed canary is a suspicion (``trust/score.py``); three suspend the device. A canary
 that errors or times out counts as an ordinary failed job, not as a wrong answer.
@@ -52,8 +54,8 @@ class CanarySet:
     prompts: tuple[str, ...]
     max_tokens: int
     seed: int
-    # model → engine → one reference answer per prompt
-    references: dict[str, dict[str, tuple[str, ...]]]
+    # model → engine → per prompt, the accepted reference answers
+    references: dict[str, dict[str, tuple[tuple[str, ...], ...]]]
 
     @classmethod
     def load(cls, path: Path | None = None) -> CanarySet:
@@ -67,15 +69,19 @@ class CanarySet:
             max_tokens=int(data["max_tokens"]),
             seed=int(data["seed"]),
             references={
-                model: {engine: tuple(answers) for engine, answers in engines.items()}
+                model: {
+                    engine: tuple(_alternatives(answer) for answer in answers)
+                    for engine, answers in engines.items()
+                }
                 for model, engines in data["references"].items()
             },
         )
 
-    def reference(self, model: str, engine: str, index: int) -> str | None:
+    def reference(self, model: str, engine: str, index: int) -> tuple[str, ...] | None:
+        """The accepted answers to prompt ``index`` (None: no reference for this engine)."""
         if engine == "sim":
             prompt = self.prompts[index]
-            return "".join(sim_answer(model, prompt, self.seed, self.max_tokens))
+            return ("".join(sim_answer(model, prompt, self.seed, self.max_tokens)),)
         answers = self.references.get(model, {}).get(engine)
         if answers is None or index >= len(answers):
             return None
@@ -83,6 +89,10 @@ class CanarySet:
 
     def covers(self, model: str, engine: str) -> bool:
         return engine == "sim" or engine in self.references.get(model, {})
+
+
+def _alternatives(answer: str | list[str]) -> tuple[str, ...]:
+    return (answer,) if isinstance(answer, str) else tuple(answer)
 
 
 def _edit_distance(a: Sequence[str], b: Sequence[str]) -> int:
@@ -207,7 +217,7 @@ class CanaryRunner:
             completion = await self._new_execution(spec).complete()
         except SwarmgateError:
             return CanaryOutcome(device.device_id, model, None)
-        score = similarity(reference, completion.text)
+        score = max(similarity(accepted, completion.text) for accepted in reference)
         outcome = CanaryOutcome(device.device_id, model, score)
         self._trust.canary_result(device.profile, bool(outcome.passed))
         log.info(

@@ -187,7 +187,10 @@ class LlamaCppBackend:
         for model_id, path in paths.items():
             if model_id not in self._models:
                 self._models[model_id] = await asyncio.to_thread(self._load_model, model_id, path)
-        return [LoadedModel(id=m, sha256=self._models[m].sha256) for m in model_ids]
+        return [
+            LoadedModel(id=m, sha256=self._models[m].sha256, context_length=self.n_ctx)
+            for m in model_ids
+        ]
 
     def _resolve(self, model_id: str) -> Path:
         configured = self.model_paths.get(model_id)
@@ -451,6 +454,11 @@ def _sampled_tokens(
     params = request.params
     seed = params.seed if params.seed is not None else _RANDOM_SEED
     llm.set_seed(seed & 0xFFFFFFFF)
+    # Every prompt is evaluated whole. Reusing the cached prefix of the previous job
+    # would evaluate the rest in a smaller batch, and llama.cpp's CPU kernels round
+    # differently by batch size on some processors: the same greedy request would then
+    # answer differently on its second run (and an honest device fail its canaries).
+    llm.reset()  # type: ignore[no-untyped-call]
     # OpenAI semantics: only temperature and top_p shape sampling, so llama.cpp's
     # extra samplers (top-k, min-p, repeat penalty) are neutralised. temp 0 is greedy.
     return llm.generate(

@@ -91,6 +91,11 @@ class SimConfig:
     hang: bool = False  # accept jobs and never answer
     rng_seed: int | None = None
     serve_as: str | None = None  # answer as this model while claiming the requested one
+    # Tokens the simulated context holds, reported to the gateway. A prompt (counted by
+    # ``estimate_prompt_tokens``) whose max_tokens would not fit after it fails with
+    # CONTEXT_LENGTH_EXCEEDED: stricter than llama.cpp, which shortens the answer.
+    # None: unlimited.
+    context_length: int | None = None
 
 
 def sim_answer(model: str, prompt_key: str, seed: int | None, n_tokens: int) -> list[str]:
@@ -131,7 +136,9 @@ class SimBackend:
         for model_id in model_ids:
             entry = catalog.get(model_id)
             sha256 = entry.artifact.sha256 if entry and entry.artifact else None
-            loaded.append(LoadedModel(id=model_id, sha256=sha256))
+            loaded.append(
+                LoadedModel(id=model_id, sha256=sha256, context_length=self.config.context_length)
+            )
         return loaded
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
@@ -150,6 +157,14 @@ class SimBackend:
         if request.continue_final and messages and messages[-1].role == "assistant":
             partial = messages.pop().content
         contents = [m.content for m in messages]
+        if cfg.context_length is not None:
+            needed = estimate_prompt_tokens(contents) + request.params.max_tokens
+            if needed > cfg.context_length:
+                raise BackendError(
+                    f"the prompt and max_tokens need {needed} tokens; the context holds "
+                    f"{cfg.context_length}",
+                    code="CONTEXT_LENGTH_EXCEEDED",
+                )
         model = cfg.serve_as or request.model
         full = sim_answer(model, "\x01".join(contents), request.params.seed, cfg.length)
         skip = _words_given(full, partial) if partial else 0

@@ -1,0 +1,1 @@
+"""Conversation memory: stored conversations, titles, rolling summaries, sessions."""
