@@ -216,6 +216,12 @@ class UpstreamError(SwarmgateError):
     type = "upstream_error"
 
 
+class UpstreamAddressRefused(UpstreamError):
+    """A developer's base URL points at an address the gateway will not call."""
+
+    code = "UPSTREAM_ADDRESS_REFUSED"
+
+
 class UpstreamAuthFailed(UpstreamError):
     code = "UPSTREAM_AUTH_FAILED"
 

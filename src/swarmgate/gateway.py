@@ -124,7 +124,9 @@ class Gateway:
                 package_name=settings.play_integrity_package,
                 certificate_digests=settings.play_integrity_certificate_digests,
             )
-        self.upstreams = Upstreams(settings.upstreams)
+        self.upstreams = Upstreams(
+            settings.upstreams, allow_private_urls=settings.vault_allow_private_urls
+        )
         cipher = None
         if settings.vault_master_secret:
             cipher = VaultCipher(

@@ -2,7 +2,8 @@
 Workers AI's OpenAI-compatible endpoint, or any base URL).
 
 The operator configures them (``SWARMGATE_UPSTREAMS``, a JSON list of ``{"name",
-"base_url", "api_key", "timeout_s"}``); the catalog says which upstream serves a cloud or
+"base_url", "api_key", "timeout_s", "stream"}``; ``stream: false`` for an upstream that
+cannot stream); the catalog says which upstream serves a cloud or
 hybrid model under which name. One pooled HTTP client per upstream. A call runs through
 the model's upstreams in order — with the account's own vault key for an upstream where
 it has one — and fails over on rate limits, timeouts, server errors and refused keys;
@@ -14,12 +15,16 @@ itself with ``estimate_tokens`` — an approximation, never a negative number.
 
 from __future__ import annotations
 
+import asyncio
+import ipaddress
 import logging
 import re
+import socket
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import orjson
@@ -29,6 +34,7 @@ from swarmgate.catalog import CatalogModel
 from swarmgate.errors import (
     CloudUnavailable,
     SwarmgateError,
+    UpstreamAddressRefused,
     UpstreamAuthFailed,
     UpstreamError,
     UpstreamRateLimited,
@@ -46,6 +52,10 @@ class UpstreamConfig(BaseModel):
     base_url: str = Field(min_length=1, max_length=500)
     api_key: str = Field(default="", repr=False)
     timeout_s: float = Field(default=60.0, gt=0)
+    # False for an upstream that cannot stream: it is asked with ``stream: false`` and its
+    # whole answer is relayed as one delta. (An upstream that answers a streaming request
+    # with a plain JSON completion is understood either way.)
+    stream: bool = True
 
 
 _WORDS = re.compile(r"\w+|[^\w\s]", re.UNICODE)
@@ -93,8 +103,105 @@ class CloudRun:
 KeyLookup = Callable[[str], Awaitable[tuple[str, str | None] | None]]
 
 
+Resolver = Callable[[str, int], Awaitable[list[str]]]
+
+
+async def system_resolver(host: str, port: int) -> list[str]:
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return [str(info[4][0]) for info in infos]
+
+
+@dataclass(frozen=True, slots=True)
+class Pinned:
+    """A URL whose host was replaced by the address that was checked."""
+
+    url: str
+    host: str  # for the Host header
+    extensions: dict[str, Any]  # for TLS: the name the certificate must carry
+
+
+class AddressGuard:
+    """Developers' own base URLs (from the vault) may point the gateway only at public
+    addresses, unless the operator allows private ones.
+
+    ``pin`` resolves the host, refuses loopback, private, link-local and other non-global
+    addresses, and returns the URL with the checked address in place of the host — the
+    Host header and the TLS server name keep the original name — so a DNS answer that
+    changes between the check and the connection (rebinding) cannot redirect the call.
+    Answers are cached for ``ttl_s``."""
+
+    def __init__(
+        self,
+        *,
+        allow_private: bool = False,
+        resolver: Resolver = system_resolver,
+        ttl_s: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.allow_private = allow_private
+        self._resolver = resolver
+        self._ttl_s = ttl_s
+        self._clock = clock
+        self._cache: dict[tuple[str, int], tuple[float, list[str]]] = {}
+
+    async def pin(self, url: str) -> Pinned:
+        parts = urlsplit(url)
+        host = parts.hostname
+        if parts.scheme not in ("http", "https") or not host:
+            raise UpstreamAddressRefused(f"{url!r} is not an http(s) URL.")
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        addresses = await self._addresses(host, port)
+        chosen = None
+        for text in addresses:
+            address = ipaddress.ip_address(text.split("%", 1)[0])
+            if not self.allow_private and not address.is_global:
+                raise UpstreamAddressRefused(
+                    f"The base URL's host {host!r} resolves to a non-public address; this "
+                    "gateway does not call private, loopback or link-local hosts for you."
+                )
+            chosen = chosen or address
+        if chosen is None:
+            raise UpstreamAddressRefused(f"The base URL's host {host!r} does not resolve.")
+        literal = f"[{chosen}]" if chosen.version == 6 else str(chosen)
+        netloc = f"{literal}:{parts.port}" if parts.port else literal
+        named = f"{host}:{parts.port}" if parts.port else host
+        extensions: dict[str, Any] = {}
+        if parts.scheme == "https" and not _is_address(host):
+            extensions["sni_hostname"] = host
+        return Pinned(
+            url=urlunsplit((parts.scheme, netloc, parts.path, parts.query, "")),
+            host=named,
+            extensions=extensions,
+        )
+
+    async def _addresses(self, host: str, port: int) -> list[str]:
+        if _is_address(host):
+            return [host]
+        now = self._clock()
+        cached = self._cache.get((host, port))
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        try:
+            found = await self._resolver(host, port)
+        except OSError:
+            found = []
+        if len(self._cache) > 4096:
+            self._cache.clear()
+        self._cache[(host, port)] = (now + self._ttl_s, found)
+        return found
+
+
+def _is_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
 class Upstreams:
-    def __init__(self, configs: list[UpstreamConfig]) -> None:
+    def __init__(self, configs: list[UpstreamConfig], *, allow_private_urls: bool = False) -> None:
+        self.guard = AddressGuard(allow_private=allow_private_urls)
         self._by_name: dict[str, Upstream] = {}
         for config in configs:
             client = httpx.AsyncClient(
@@ -187,23 +294,37 @@ class Upstreams:
             "max_tokens": params.max_tokens,
             "temperature": params.temperature,
             "top_p": params.top_p,
-            "stream": True,
-            "stream_options": {"include_usage": True},
+            "stream": upstream.config.stream,
         }
+        if upstream.config.stream:
+            body["stream_options"] = {"include_usage": True}
         if params.stop:
             body["stop"] = params.stop
         if params.seed is not None:
             body["seed"] = params.seed
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        extensions: dict[str, Any] = {}
+        if base_url:  # a developer's own base URL: only to the public address checked
+            pinned = await self.guard.pin(url)
+            url, extensions = pinned.url, pinned.extensions
+            headers["Host"] = pinned.host
         parts: list[str] = []
         usage: dict[str, Any] | None = None
         finish = "stop"
         try:
-            async with upstream.client.stream("POST", url, json=body, headers=headers) as resp:
+            async with upstream.client.stream(
+                "POST", url, json=body, headers=headers, extensions=extensions
+            ) as resp:
                 if resp.status_code >= 400:
                     await resp.aread()
                     raise _http_error(upstream.name, resp, own is not None)
-                async for line in resp.aiter_lines():
+                streamed = resp.headers.get("content-type", "").startswith("text/event-stream")
+                if not streamed:
+                    whole, finish, usage = _whole_answer(upstream.name, await resp.aread())
+                    if whole:
+                        parts.append(whole)
+                        yield Delta(type="delta", job_id=job_id, text=whole)
+                async for line in resp.aiter_lines() if streamed else _no_lines():
                     if not line.startswith("data:"):
                         continue
                     data = line[5:].strip()
@@ -235,6 +356,28 @@ class Upstreams:
             finish_reason="length" if finish == "length" else "stop",
             usage=_usage(usage, messages, "".join(parts)),
         )
+
+
+async def _no_lines() -> AsyncIterator[str]:
+    return
+    yield  # an async generator that yields nothing
+
+
+def _whole_answer(name: str, raw: bytes) -> tuple[str, str, dict[str, Any] | None]:
+    """(text, finish reason, usage) of a non-streamed chat completion."""
+    try:
+        payload = orjson.loads(raw)
+        choice = payload["choices"][0]
+        text = choice["message"].get("content") or ""
+        if not isinstance(text, str):
+            raise TypeError("content is not text")
+    except (orjson.JSONDecodeError, KeyError, IndexError, TypeError, AttributeError) as exc:
+        raise UpstreamError(
+            f"The cloud upstream '{name}' answered something that is not a chat completion."
+        ) from exc
+    finish = "length" if choice.get("finish_reason") == "length" else "stop"
+    usage = payload.get("usage")
+    return text, finish, usage if isinstance(usage, dict) else None
 
 
 def _usage(reported: dict[str, Any] | None, messages: tuple[ChatMessage, ...], text: str) -> Usage:

@@ -27,7 +27,8 @@ class MockUpstream:
 
     Model names steer it: ``*rate-limited*`` → 429 with Retry-After 7, ``*down*`` → 503,
     ``*slow*`` → waits 5 s, ``*no-usage*`` → no usage in the answer, ``*minus-one*`` →
-    usage of -1. Keys other than the accepted ones → 401.
+    usage of -1, ``*json-only*`` → a whole JSON answer even when asked to stream. Keys
+    other than the accepted ones → 401.
     """
 
     name: str
@@ -44,7 +45,14 @@ class MockUpstream:
     async def chat(self, request: Request) -> Response:
         body = await request.json()
         auth = request.headers.get("authorization", "")
-        self.requests.append({"model": body["model"], "auth": auth, "stream": body.get("stream")})
+        self.requests.append(
+            {
+                "model": body["model"],
+                "auth": auth,
+                "stream": body.get("stream"),
+                "host": request.headers.get("host"),
+            }
+        )
         if auth.removeprefix("Bearer ") not in self.keys:
             return JSONResponse({"error": {"message": "invalid api key"}}, status_code=401)
         model: str = body["model"]
@@ -64,7 +72,7 @@ class MockUpstream:
             usage = None
         elif "minus-one" in model:
             usage = {"prompt_tokens": -1, "completion_tokens": -1}
-        if not body.get("stream"):
+        if not body.get("stream") or "json-only" in model:
             return JSONResponse(
                 {
                     "id": "up-1",

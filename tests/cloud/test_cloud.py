@@ -47,6 +47,8 @@ def write_catalog(path: Path) -> Path:
         cloud_model("cloud-minus-one", "cloud", ("alpha", "minus-one")),
         cloud_model("cloud-unconfigured", "cloud", ("gamma", "fine")),
         cloud_model("hybrid-m", "hybrid", ("alpha", "fine")),
+        cloud_model("cloud-json-only", "cloud", ("alpha", "json-only")),
+        cloud_model("cloud-no-stream", "cloud", ("plain", "fine")),
     ]
     path.write_bytes(orjson.dumps({"models": models}))
     return path
@@ -75,6 +77,8 @@ async def cloud(
         upstreams=[
             {"name": "alpha", "base_url": alpha.base_url, "api_key": GOOD_KEY, "timeout_s": 1.0},
             {"name": "beta", "base_url": beta.base_url, "api_key": GOOD_KEY},
+            # beta again, as an upstream that is not to be asked to stream
+            {"name": "plain", "base_url": beta.base_url, "api_key": GOOD_KEY, "stream": False},
         ],
         vault_master_secret="test-master-secret-0123456789abcdef",
         first_token_timeout_s=0.5,
@@ -283,3 +287,77 @@ async def test_byok_routes_through_the_accounts_own_key_for_a_fee(
         assert (await client.get("/v1/vault")).json()["exists"] is False
         reply = await client.post("/v1/chat/completions", json=chat("cloud-good"))
         assert reply.json()["swarmgate"]["byok"] is False
+
+
+@pytest.mark.parametrize("model", ["cloud-no-stream", "cloud-json-only"])
+async def test_upstreams_that_do_not_stream(
+    cloud: LiveGateway, upstreams: tuple[MockUpstream, MockUpstream], model: str
+) -> None:
+    """An upstream configured with ``stream: false`` is asked without streaming, and one
+    that answers a streaming request with a whole JSON completion is understood; either
+    way the client gets what it asked for, streamed or not."""
+    _, key = await cloud.developer_key()
+    speaker = "beta" if model == "cloud-no-stream" else "alpha"
+    async with cloud.client(key) as client:
+        whole = await client.post("/v1/chat/completions", json=chat(model))
+        assert whole.status_code == 200, whole.text
+        assert whole.json()["choices"][0]["message"]["content"] == f"{speaker} says: hello there"
+        assert whole.json()["usage"]["completion_tokens"] == 4
+        streamed = await client.post(
+            "/v1/chat/completions",
+            json=chat(model, stream=True, stream_options={"include_usage": True}),
+        )
+    events = sse(streamed.text)
+    assert events[-1] == "[DONE]"
+    text = "".join(
+        e["choices"][0]["delta"].get("content", "")
+        for e in events
+        if isinstance(e, dict) and e.get("choices")
+    )
+    assert text == f"{speaker} says: hello there"
+    assert events[-2]["usage"]["completion_tokens"] == 4
+    sent = [r["stream"] for r in upstreams[1 if speaker == "beta" else 0].requests]
+    assert sent == ([False, False] if model == "cloud-no-stream" else [True, True])
+
+
+async def test_a_vault_base_url_is_called_at_the_address_that_was_checked(
+    tmp_path: Path, upstreams: tuple[MockUpstream, MockUpstream]
+) -> None:
+    """A developer's baseUrl goes through the address guard on every call: the request
+    reaches the checked address with the original Host header; when the operator does
+    not allow private addresses, a stored URL that now points at one is refused at call
+    time (not only when saved) and the next upstream answers."""
+    alpha, beta = upstreams
+    beta.keys.add("sk-developer-own-key-1234")
+    for allow_private in (True, False):
+        settings = fast_settings(
+            tmp_path / str(allow_private),
+            catalog_path=write_catalog(tmp_path / "catalog.json"),
+            upstreams=[
+                {"name": "alpha", "base_url": alpha.base_url, "api_key": GOOD_KEY},
+                {"name": "beta", "base_url": beta.base_url, "api_key": GOOD_KEY},
+            ],
+            vault_master_secret="test-master-secret-0123456789abcdef",
+            vault_allow_private_urls=allow_private,
+        )
+        live = await start_gateway(settings)
+        try:
+            account_id, key = await live.developer_key()
+            # The developer's key for "alpha", with a base URL that is really beta's server.
+            own_url = f"http://localhost:{beta.port}/v1"
+            await live.gateway.vault.put(account_id, "alpha", "sk-developer-own-key-1234", own_url)
+            async with live.client(key) as client:
+                reply = await client.post("/v1/chat/completions", json=chat("cloud-good"))
+            assert reply.status_code == 200, reply.text
+            info = reply.json()["swarmgate"]
+            if allow_private:
+                assert reply.json()["choices"][0]["message"]["content"].startswith("beta says")
+                assert info["upstream"] == "alpha" and info["byok"] is True
+                assert beta.requests[-1]["host"] == f"localhost:{beta.port}"
+                assert beta.requests[-1]["auth"] == "Bearer sk-developer-own-key-1234"
+            else:
+                # Refused before any byte left: the next upstream, with the gateway's key.
+                assert info["upstream"] == "beta" and info["byok"] is False
+                assert beta.requests[-1]["auth"] == f"Bearer {GOOD_KEY}"
+        finally:
+            await stop_gateway(live)

@@ -7,10 +7,7 @@ account's cloud requests there use it, and are charged only the platform's fee.
 
 from __future__ import annotations
 
-import asyncio
-import ipaddress
 from typing import Annotated
-from urllib.parse import urlsplit
 
 from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -19,7 +16,7 @@ from starlette.responses import Response
 from swarmgate.api.deps import CurrentPrincipal, GatewayDep, read_body
 from swarmgate.api.responses import json_response
 from swarmgate.api.schemas import parse_body
-from swarmgate.errors import RequestError
+from swarmgate.errors import RequestError, UpstreamAddressRefused
 from swarmgate.gateway import Gateway
 
 router = APIRouter(prefix="/v1/vault", tags=["vault"])
@@ -68,24 +65,14 @@ def _provider(gateway: Gateway, asked: str | None) -> str:
 
 async def _public_url(gateway: Gateway, url: str) -> None:
     """A developer's base URL must not point the gateway at its own network (loopback,
-    private, link-local addresses), unless the operator allows it."""
-    if gateway.settings.vault_allow_private_urls:
-        return
-    host = urlsplit(url).hostname or ""
+    private, link-local addresses), unless the operator allows it. The same check runs
+    again on every call that uses it (``upstreams.AddressGuard``)."""
     try:
-        infos = await asyncio.get_running_loop().getaddrinfo(host, None)
-    except OSError:
+        await gateway.upstreams.guard.pin(url)
+    except UpstreamAddressRefused as exc:
         raise RequestError(
-            f"The host of baseUrl ({host!r}) does not resolve.", param="baseUrl"
+            exc.message.replace("The base URL", "baseUrl"), param="baseUrl"
         ) from None
-    for info in infos:
-        address = ipaddress.ip_address(info[4][0])
-        if not address.is_global:
-            raise RequestError(
-                "baseUrl must be a public address; this gateway does not call private, "
-                "loopback or link-local hosts for you.",
-                param="baseUrl",
-            )
 
 
 @router.post(
