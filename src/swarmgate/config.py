@@ -77,6 +77,10 @@ class GatewaySettings(BaseSettings):
     # Let developers' base URLs point at private addresses (a gateway on a private network).
     vault_allow_private_urls: bool = False
 
+    # orchestration: steps of a workflow are charged this multiple of the model's price,
+    # in basis points (10,000 = 1.0x; the seeds use 1.0x and 1.5x)
+    orchestration_rate_bps: int = Field(default=10_000, ge=0, le=100_000)
+
     # conversation memory
     # Conversations idle this many days are deleted, with their messages (0: kept).
     memory_retention_days: int = Field(default=30, ge=0)

@@ -36,6 +36,7 @@ from swarmgate.upstreams import Upstreams
 from swarmgate.vault.crypto import VaultCipher
 from swarmgate.vault.store import Vault
 from swarmgate.webhooks.delivery import ChargeEvent, Webhooks
+from swarmgate.workflows.store import WorkflowStore
 
 log = logging.getLogger("swarmgate.gateway")
 
@@ -135,6 +136,7 @@ class Gateway:
         self.vault = Vault(self.engine, cipher)
         self.webhooks = Webhooks(self.engine, settings)
         self.memory = Memory(self.engine, settings, self.catalog, self.registry)
+        self.workflows = WorkflowStore(self.engine)
         self.billing.listeners.append(self._charge_settled)
         self.ready = False
         self._tasks: list[asyncio.Task[None]] = []

@@ -25,6 +25,7 @@ from swarmgate.api import (
     usage,
     vault,
     webhooks,
+    workflows,
 )
 from swarmgate.api.errors import install_error_handlers
 from swarmgate.api.hotpath import HotPaths
@@ -77,6 +78,7 @@ def create_app(settings: GatewaySettings | None = None, gateway: Gateway | None 
         trust,
         vault,
         conversations,
+        workflows,
     ):
         app.include_router(module.router)
     return app

@@ -9,6 +9,7 @@ from starlette.responses import Response
 
 from swarmgate.accounts.keys import Principal
 from swarmgate.api.deps import CurrentPrincipal, GatewayDep, read_body
+from swarmgate.api.orchestration import orchestrate, orchestration_for
 from swarmgate.api.responses import json_response
 from swarmgate.api.running import (
     AUTO_MODEL,
@@ -64,6 +65,10 @@ def check_max_tokens(gateway: Gateway, model_id: str, max_tokens: int) -> str:
     return model_id
 
 
+def body_messages(body: ChatCompletionRequest) -> tuple[ChatMessage, ...]:
+    return tuple(ChatMessage(role=m.chat_role, content=m.text) for m in body.messages)
+
+
 def chat_spec(
     gateway: Gateway,
     body: ChatCompletionRequest,
@@ -75,7 +80,7 @@ def chat_spec(
     max_tokens = body.requested_max_tokens(DEFAULT_MAX_TOKENS)
     model_id = check_max_tokens(gateway, body.model, max_tokens)
     if messages is None:
-        messages = tuple(ChatMessage(role=m.chat_role, content=m.text) for m in body.messages)
+        messages = body_messages(body)
     return JobSpec(
         job_id=job_id,
         account_id=principal.account_id,
@@ -156,6 +161,13 @@ async def chat_completions(request: Request, gateway: Gateway, principal: Princi
     turn = None
     if body.conversation_id is not None or principal.settings.auto_memory:
         turn = await remember(request, gateway, body, principal)
+    if body.orchestration is not None or principal.settings.auto_orchestration:
+        orchestration = orchestration_for(body, principal)
+        if orchestration is not None:
+            messages = turn.messages if turn else body_messages(body)
+            return await orchestrate(
+                request, gateway, principal, body, orchestration, job_id, messages, turn
+            )
     spec = chat_spec(gateway, body, principal, job_id, turn.messages if turn else None)
     admitted = await admit(gateway, principal, spec)
     spec = admitted.spec

@@ -20,7 +20,7 @@ from swarmgate.accounts.limits import Admission
 from swarmgate.api.schemas import RoutingFields
 from swarmgate.billing.pricing import max_cost_micros
 from swarmgate.billing.service import BilledPart, RequestHold, prompt_token_bound
-from swarmgate.catalog import FREE, Pricing
+from swarmgate.catalog import FREE, CatalogModel, Pricing
 from swarmgate.errors import (
     CloudUnavailable,
     Forbidden,
@@ -189,17 +189,7 @@ async def admit(gateway: Gateway, principal: Principal, spec: JobSpec) -> Admitt
     )
     if not gateway.billing.enabled:
         return Admitted(admission, None, spec)
-    # The dearest price among the candidates (within the request's own max_price), and
-    # the cloud's price where an upstream may serve it.
-    amount, pricing, model = 0, FREE, spec.model
-    if cloud and entry is not None and not spec.privacy_mode:
-        amount = max_cost_micros(entry.pricing, prompt_bound, max_tokens)
-        pricing = entry.pricing
-    for pool in pools:
-        ceiling = pool.price_ceiling(route.max_price)
-        cost = max_cost_micros(ceiling, prompt_bound, max_tokens)
-        if cost >= amount:
-            amount, pricing, model = cost, ceiling, pool.model
+    amount, pricing, model = hold_bound(spec, entry, cloud, pools, prompt_bound)
     caps = {pool.model: pool.price_ceiling(route.max_price) for pool in pools}
     spec = spec.with_route(route.capped_each(caps))
     try:
@@ -216,56 +206,96 @@ async def admit(gateway: Gateway, principal: Principal, spec: JobSpec) -> Admitt
     return Admitted(admission, hold, spec)
 
 
-async def settle(gateway: Gateway, admitted: Admitted, execution: Execution) -> None:
-    """Charges a completed job at the serving devices' prices; the answer may leave only
-    after this returns."""
+def hold_bound(
+    spec: JobSpec,
+    entry: CatalogModel | None,
+    cloud: bool,
+    pools: list[ModelPool],
+    prompt_bound: int,
+) -> tuple[int, Pricing, str]:
+    """The most ``spec`` may cost — (amount, pricing, model) — at the dearest price among
+    its candidates (within the request's own max_price), and the cloud's where an
+    upstream may serve it; times the job's rate."""
+    max_tokens = spec.params.max_tokens
+    amount, pricing, model = 0, FREE, spec.model
+    if cloud and entry is not None and not spec.privacy_mode:
+        pricing = at_rate(entry.pricing, spec.rate_bps)
+        amount = max_cost_micros(pricing, prompt_bound, max_tokens)
+    max_price = spec.routing.max_price
+    for pool in pools:
+        ceiling = at_rate(pool.price_ceiling(max_price), spec.rate_bps)
+        cost = max_cost_micros(ceiling, prompt_bound, max_tokens)
+        if cost >= amount:
+            amount, pricing, model = cost, ceiling, pool.model
+    return amount, pricing, model
+
+
+def at_rate(pricing: Pricing, rate_bps: int) -> Pricing:
+    """``pricing`` times ``rate_bps`` / 10,000, rounded down to whole micro-dollars."""
+    if rate_bps == 10_000:
+        return pricing
+    return Pricing(
+        input_per_1m_micros=pricing.input_per_1m_micros * rate_bps // 10_000,
+        output_per_1m_micros=pricing.output_per_1m_micros * rate_bps // 10_000,
+    )
+
+
+async def settle(gateway: Gateway, admitted: Admitted, execution: Execution) -> int:
+    """Charges a completed job at the serving devices' prices (times the job's rate); the
+    answer may leave only after this returns. What was charged, in micro-dollars."""
     completion = execution.completion
     assert completion is not None, "settle() needs a completed job"
     gateway.limiter.finish(
         admitted.admission, completion.prompt_tokens + completion.completion_tokens
     )
     if admitted.hold is None:
-        return
+        return 0
+    rate = execution.spec.rate_bps
     if execution.inference_type == "cloud":
-        await gateway.billing.settle(
+        charge = await gateway.billing.settle(
             admitted.hold,
             prompt_tokens=completion.prompt_tokens,
             completion_tokens=completion.completion_tokens,
             device_id=None,
             provider_account_id=None,  # no provider: the platform pays the upstream
             model=execution.spec.model,
-            pricing=gateway.cloud_price(
-                execution.spec.model, byok=bool(execution.cloud_run and execution.cloud_run.byok)
+            pricing=at_rate(
+                gateway.cloud_price(
+                    execution.spec.model,
+                    byok=bool(execution.cloud_run and execution.cloud_run.byok),
+                ),
+                rate,
             ),
         )
-        return
+        return charge.charged_micros
     if execution.parts:
-        await gateway.billing.settle_parts(
+        charge = await gateway.billing.settle_parts(
             admitted.hold,
             [
                 BilledPart(
                     device_id=part.device_id,
                     provider_account_id=part.account_id,
                     model=part.model,
-                    pricing=gateway.device_price(part.device_id, part.model),
+                    pricing=at_rate(gateway.device_price(part.device_id, part.model), rate),
                     prompt_tokens=part.prompt_tokens,
                     completion_tokens=part.completion_tokens,
                 )
                 for part in execution.parts
             ],
         )
-        return
+        return charge.charged_micros
     device = execution.device
     model = execution.model or execution.spec.model
-    await gateway.billing.settle(
+    charge = await gateway.billing.settle(
         admitted.hold,
         prompt_tokens=completion.prompt_tokens,
         completion_tokens=completion.completion_tokens,
         device_id=device.device_id if device else None,
         provider_account_id=device.account_id if device else None,
         model=model,
-        pricing=gateway.device_price(device.device_id if device else None, model),
+        pricing=at_rate(gateway.device_price(device.device_id if device else None, model), rate),
     )
+    return charge.charged_micros
 
 
 def release(gateway: Gateway, admitted: Admitted) -> None:

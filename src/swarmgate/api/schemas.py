@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, TypeVar
+from decimal import Decimal
+from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from swarmgate.errors import RequestError
 
@@ -29,21 +37,60 @@ class TextPart(BaseModel):
         return value
 
 
+class CalledFunction(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    name: str = Field(max_length=64)
+    arguments: str = Field(default="", max_length=100_000)
+
+
+class ToolCall(BaseModel):
+    """A tool call of an earlier assistant turn, as the client sends it back."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    id: str = Field(max_length=128)
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
 class Message(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
 
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | Annotated[list[TextPart], Field(min_length=1)]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    # None only for an assistant turn that called tools.
+    content: str | Annotated[list[TextPart], Field(min_length=1)] | None
     name: str | None = Field(default=None, max_length=64)
+    tool_calls: list[ToolCall] | None = Field(default=None, max_length=128)
+    tool_call_id: str | None = Field(default=None, max_length=128)
+
+    @model_validator(mode="after")
+    def _content_or_calls(self) -> Message:
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError("content may be null only in an assistant message with tool_calls")
+        return self
 
     @property
     def text(self) -> str:
-        if isinstance(self.content, str):
-            return self.content
-        return "\n".join(part.text for part in self.content)
+        """The message as text for a model. Devices speak plain chat, so tool calls and
+        tool results are written out in words."""
+        if self.content is None:
+            body = ""
+        elif isinstance(self.content, str):
+            body = self.content
+        else:
+            body = "\n".join(part.text for part in self.content)
+        if self.tool_calls:
+            calls = "; ".join(f"{c.function.name}({c.function.arguments})" for c in self.tool_calls)
+            body = f"{body}\n[called {calls}]".strip()
+        if self.role == "tool":
+            body = f"[result of tool call {self.tool_call_id or ''}]\n{body}"
+        return body
 
     @property
     def chat_role(self) -> Literal["system", "user", "assistant"]:
+        if self.role == "tool":
+            return "user"
         return "system" if self.role == "developer" else self.role
 
 
@@ -92,6 +139,45 @@ class RoutingFields(BaseModel):
         return "verified" in (self.privacy_level, self.privacyLevel)
 
 
+class Orchestration(BaseModel):
+    """Run the request as a multi-step workflow (workflows/)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    enabled: bool = True
+    workflow: str = Field(default="auto", min_length=1, max_length=32)
+    max_steps: int = Field(default=10, ge=1, le=100)
+    # A budget cap in US dollars, as the seeds take it; turned into integer micro-dollars
+    # once (``max_cost_micros``), rounding down. Or give micro-dollars directly.
+    max_cost_usd: float | int | None = Field(default=None, gt=0, le=1_000_000)
+    max_cost_micros_: int | None = Field(default=None, alias="max_cost_micros", gt=0, le=10**12)
+
+    @property
+    def max_cost_micros(self) -> int | None:
+        if self.max_cost_micros_ is not None:
+            return self.max_cost_micros_
+        if self.max_cost_usd is None:
+            return None
+        return int(Decimal(str(self.max_cost_usd)) * 1_000_000)
+
+
+class FunctionDef(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str = Field(default="", max_length=4000)
+    parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
+
+
+class ToolDef(BaseModel):
+    """An OpenAI function tool the client offers (used by the ``agent`` workflow)."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    type: Literal["function"]
+    function: FunctionDef
+
+
 class ChatCompletionRequest(RoutingFields):
     model_config = _LENIENT
 
@@ -109,6 +195,8 @@ class ChatCompletionRequest(RoutingFields):
     n: int | None = None
     # Conversation memory: the stored conversation this request continues.
     conversation_id: str | None = Field(default=None, min_length=1, max_length=64)
+    orchestration: Orchestration | None = None
+    tools: list[ToolDef] | None = Field(default=None, max_length=128)
 
     @field_validator("n")
     @classmethod

@@ -79,6 +79,8 @@ class JobSpec:
     internal: bool = False
     # Never a cloud upstream, even for a hybrid model.
     privacy_mode: bool = False
+    # The price multiplier, in basis points (orchestrated steps: a configurable rate).
+    rate_bps: int = 10_000
 
     def with_route(self, route: Route) -> JobSpec:
         """This job with another route (field by field: cheaper than ``replace``)."""
@@ -95,6 +97,7 @@ class JobSpec:
             self.continuation,
             self.internal,
             self.privacy_mode,
+            self.rate_bps,
         )
 
     @property

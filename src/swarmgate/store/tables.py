@@ -442,3 +442,53 @@ conversation_summaries = Table(
     Column("job_id", String(64)),  # the model job that wrote it
     Column("created_at", DateTime(timezone=True), nullable=False),
 )
+
+# Orchestration runs (workflows/): what ran, what it cost. No prompt or answer text is
+# kept, only the start of the task, as the run's label.
+workflow_runs = Table(
+    "workflow_runs",
+    metadata,
+    Column("id", String(40), primary_key=True),
+    Column("account_id", String(40), ForeignKey("accounts.id", ondelete="CASCADE"), nullable=False),
+    Column("key_id", String(40)),
+    Column("job_id", String(64), nullable=False),  # the chat completion's id
+    Column("workflow", String(32), nullable=False),
+    Column("requested", String(32), nullable=False),  # what the request asked (auto, ...)
+    Column("model", String(200), nullable=False),
+    Column(
+        "status", String(16), nullable=False
+    ),  # running | completed | stopped | failed | tool_calls
+    Column("stop_reason", String(32)),
+    Column("task", String(200), nullable=False),
+    Column("max_steps", Integer, nullable=False),
+    Column("max_cost_micros", BigInteger),
+    Column("steps_executed", Integer, nullable=False, default=0),
+    Column("total_cost_micros", BigInteger, nullable=False, default=0),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("finished_at", DateTime(timezone=True)),
+    Index("ix_workflow_runs_account_created", "account_id", "created_at"),
+)
+
+workflow_steps = Table(
+    "workflow_steps",
+    metadata,
+    Column(
+        "run_id",
+        String(40),
+        ForeignKey("workflow_runs.id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    Column("step", Integer, primary_key=True),
+    Column("name", String(64), nullable=False),
+    Column("status", String(16), nullable=False),  # succeeded | failed
+    Column("tool", String(64)),
+    Column("model", String(200)),
+    Column("device_id", String(64)),
+    Column("job_id", String(64)),
+    Column("prompt_tokens", Integer, nullable=False),
+    Column("completion_tokens", Integer, nullable=False),
+    Column("cost_micros", BigInteger, nullable=False),
+    Column("duration_ms", Integer, nullable=False),
+    Column("error_code", String(64)),
+    Column("finished_at", DateTime(timezone=True), nullable=False),
+)

@@ -1,0 +1,1 @@
+"""Orchestration workflows: multi-step jobs with budgets."""
