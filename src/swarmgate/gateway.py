@@ -23,6 +23,7 @@ from swarmgate.catalog import Catalog, Pricing
 from swarmgate.config import GatewaySettings
 from swarmgate.errors import AuthError
 from swarmgate.memory.service import Memory
+from swarmgate.metrics import Metrics
 from swarmgate.protocol import CLOSE_HEARTBEAT_TIMEOUT
 from swarmgate.routing.background import BackgroundJobs
 from swarmgate.routing.dispatch import CloudPlan, DispatchPolicy, Execution, JobSpec
@@ -82,7 +83,8 @@ class Gateway:
             first_token_timeout_s=settings.first_token_timeout_s,
             token_stall_timeout_s=settings.token_stall_timeout_s,
         )
-        self.job_log = JobLog(self.engine, settings.job_log_flush_ms / 1000)
+        self.metrics = Metrics()
+        self.job_log = JobLog(self.engine, settings.job_log_flush_ms / 1000, self.metrics)
         self.billing = Billing(
             self.engine,
             provider_share_bps=settings.provider_share_bps,
@@ -156,6 +158,7 @@ class Gateway:
 
     def _charge_settled(self, charge: PendingCharge, available_micros: int) -> None:
         """Every committed charge, as an event for the account's webhooks (O(1), no IO)."""
+        self.metrics.charged(charge.charged_micros)
         self.webhooks.on_charge(
             ChargeEvent(
                 account_id=charge.account_id,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from contextvars import ContextVar
 from typing import Any
 
 import orjson
@@ -30,8 +31,18 @@ PAYLOAD_LOGGERS = (
 _FORBIDDEN = frozenset({"prompt", "messages", "content", "text", "completion", "output"})
 
 
+# The id of the HTTP request being handled (api/request_ids.py), on every log line.
+request_id: ContextVar[str | None] = ContextVar("request_id", default=None)
+
+
 def _extras(record: logging.LogRecord) -> dict[str, Any]:
-    return {k: v for k, v in record.__dict__.items() if k not in _STANDARD and k not in _FORBIDDEN}
+    extras = {
+        k: v for k, v in record.__dict__.items() if k not in _STANDARD and k not in _FORBIDDEN
+    }
+    current = request_id.get()
+    if current is not None:
+        extras.setdefault("request_id", current)
+    return extras
 
 
 class KeyValueFormatter(logging.Formatter):

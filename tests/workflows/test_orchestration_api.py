@@ -382,3 +382,21 @@ async def test_estimates(live: LiveGateway) -> None:
         assert unknown.status_code == 404
         bad = await client.post("/v1/workflows/estimate", json={"model": MODEL, "workflow": "x"})
         assert bad.status_code == 400 and bad.json()["error"]["param"] == "workflow"
+
+
+async def test_an_orchestrated_answer_joins_its_conversation(live: LiveGateway) -> None:
+    await live.add_sim_device()
+    _, key = await live.developer_key()
+    async with live.client(key) as client:
+        conversation_id = (await client.post("/v1/conversations", json={})).json()["id"]
+        body = {**ask("Research otters", workflow="research"), "conversation_id": conversation_id}
+        reply = await client.post("/v1/chat/completions", json=body)
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["swarmgate"]["conversation_id"] == conversation_id
+        await live.gateway.memory.settled()
+        got = (await client.get(f"/v1/conversations/{conversation_id}")).json()
+    answer = reply.json()["choices"][0]["message"]["content"]
+    assert [(m["role"], m["content"]) for m in got["messages"]] == [
+        ("user", "Research otters"),
+        ("assistant", answer),
+    ]

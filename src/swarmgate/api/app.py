@@ -30,6 +30,7 @@ from swarmgate.api import (
 from swarmgate.api.errors import install_error_handlers
 from swarmgate.api.hotpath import HotPaths
 from swarmgate.api.idempotency import Idempotency
+from swarmgate.api.request_ids import RequestIds
 from swarmgate.api.responses import JSONResponse
 from swarmgate.config import GatewaySettings
 from swarmgate.gateway import Gateway
@@ -86,7 +87,7 @@ def create_app(settings: GatewaySettings | None = None, gateway: Gateway | None 
 
 def create_asgi_app(
     settings: GatewaySettings | None = None, gateway: Gateway | None = None
-) -> Idempotency:
+) -> RequestIds:
     """What the server runs: the full app behind the hot path for completions, both
     behind Idempotency-Key handling (a pass-through for requests without the header)."""
     settings = settings or GatewaySettings()
@@ -99,4 +100,4 @@ def create_asgi_app(
             "/v1/inference": inference.inference,
         },
     )
-    return Idempotency(hot, gateway, gateway.idempotency)
+    return RequestIds(Idempotency(hot, gateway, gateway.idempotency))

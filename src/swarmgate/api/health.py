@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 from fastapi import APIRouter
 from sqlalchemy import text
 from starlette.responses import Response
 
 from swarmgate.api.deps import GatewayDep
 from swarmgate.api.responses import json_response
+from swarmgate.metrics import CONTENT_TYPE
 
 router = APIRouter(tags=["health"])
 
@@ -27,3 +30,17 @@ async def readyz(gateway: GatewayDep) -> Response:
     except Exception:
         return json_response({"status": "database unreachable"}, status_code=503)
     return json_response({"status": "ready", "devices": len(gateway.registry.devices())})
+
+
+@router.get("/metrics", summary="Prometheus metrics", response_model=None)
+async def metrics(gateway: GatewayDep) -> Response:
+    counts: Counter[tuple[str, str]] = Counter()
+    for device in gateway.registry.devices():
+        state = "suspended" if device.profile.suspended_reason else device.state.value
+        for model in device.models or ("",):
+            counts[(state, model)] += 1
+    body = gateway.metrics.render(
+        ((state, model, n) for (state, model), n in sorted(counts.items())),
+        gateway.billing.holds_open,
+    )
+    return Response(body, media_type=CONTENT_TYPE)

@@ -10,6 +10,7 @@ stays with the full application.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable
 
 from starlette.requests import Request
@@ -41,6 +42,7 @@ class HotPaths:
         await self.app(scope, receive, send)
 
     async def _serve(self, handler: Handler, scope: Scope, receive: Receive, send: Send) -> None:
+        started = time.perf_counter()
         request = Request(scope, receive)
         try:
             principal = await self.gateway.authenticate(request.headers.get("authorization"))
@@ -53,4 +55,7 @@ class HotPaths:
             response = envelope(
                 500, "Internal error. It has been logged.", "INTERNAL_ERROR", "api_error"
             )
+        self.gateway.metrics.request(
+            scope["path"], response.status_code, time.perf_counter() - started
+        )
         await response(scope, receive, send)

@@ -229,6 +229,11 @@ class Billing:
         """The hold for a request: the most it can cost."""
         return max_cost_micros(pricing, prompt_token_bound(prompt_texts), max_tokens)
 
+    @property
+    def holds_open(self) -> int:
+        """Holds of requests still running (in memory)."""
+        return len(self._open)
+
     async def hold(
         self,
         principal: Principal,

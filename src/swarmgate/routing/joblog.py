@@ -16,6 +16,7 @@ from typing import Any
 from sqlalchemy import insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from swarmgate.metrics import Metrics
 from swarmgate.routing.dispatch import Execution
 from swarmgate.store.db import sqlite_value
 from swarmgate.store.tables import job_attempts, jobs
@@ -90,8 +91,11 @@ def _status(execution: Execution) -> str:
 
 
 class JobLog:
-    def __init__(self, engine: AsyncEngine, flush_interval_s: float = 0.05) -> None:
+    def __init__(
+        self, engine: AsyncEngine, flush_interval_s: float = 0.05, metrics: Metrics | None = None
+    ) -> None:
         self._engine = engine
+        self._metrics = metrics
         self._interval = flush_interval_s
         self._jobs: list[dict[str, Any]] = []
         self._attempts: list[dict[str, Any]] = []
@@ -101,7 +105,17 @@ class JobLog:
         self._flushing = asyncio.Lock()
 
     def record(self, execution: Execution, created_at: datetime) -> None:
-        self._jobs.append(job_row(execution, created_at))
+        row = job_row(execution, created_at)
+        self._jobs.append(row)
+        if self._metrics is not None:
+            self._metrics.job(
+                row["model"],
+                row["status"],
+                execution.inference_type,
+                len(execution.attempts),
+                execution.ttft_ms,
+                row["latency_ms"],
+            )
         self._attempts.extend(attempt_rows(execution.spec.job_id, execution))
         if len(self._jobs) >= 1000:
             self._wake.set()

@@ -49,6 +49,8 @@ _BINARY: dict[type[ast.operator], Callable[[Any, Any], Any]] = {
     ast.FloorDiv: operator.floordiv,
     ast.Mod: operator.mod,
 }
+
+
 def _round(value: float | int, digits: float | int = 0) -> float | int:
     # round() with a huge number of digits takes unbounded time.
     if not isinstance(digits, int) or abs(digits) > 100:
