@@ -4,6 +4,7 @@ written while the request is handled (``logs.request_id``)."""
 
 from __future__ import annotations
 
+import itertools
 import re
 import secrets
 
@@ -13,6 +14,9 @@ from swarmgate.logs import request_id
 
 HEADER = b"x-request-id"
 _SANE = re.compile(rb"^[A-Za-z0-9._:-]{1,128}$")
+# New ids: a random prefix per process and a counter (unique without a syscall each).
+_PREFIX = secrets.token_hex(6)
+_COUNTER = itertools.count(1)
 
 
 class RequestIds:
@@ -28,7 +32,9 @@ class RequestIds:
             if name == HEADER:
                 given = value
                 break
-        rid = given if given is not None and _SANE.match(given) else secrets.token_hex(12).encode()
+        if given is None or not _SANE.match(given):
+            given = f"{_PREFIX}{next(_COUNTER) & 0xFFFFFFFFFFFF:012x}".encode()
+        rid = given
         token = request_id.set(rid.decode())
 
         async def send_with_id(message: Message) -> None:

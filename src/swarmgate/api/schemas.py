@@ -11,7 +11,6 @@ from pydantic import (
     Field,
     ValidationError,
     field_validator,
-    model_validator,
 )
 
 from swarmgate.errors import RequestError
@@ -64,12 +63,6 @@ class Message(BaseModel):
     tool_calls: list[ToolCall] | None = Field(default=None, max_length=128)
     tool_call_id: str | None = Field(default=None, max_length=128)
 
-    @model_validator(mode="after")
-    def _content_or_calls(self) -> Message:
-        if self.content is None and not (self.role == "assistant" and self.tool_calls):
-            raise ValueError("content may be null only in an assistant message with tool_calls")
-        return self
-
     @property
     def text(self) -> str:
         """The message as text for a model. Devices speak plain chat, so tool calls and
@@ -98,6 +91,18 @@ class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
 
     include_usage: bool = False
+
+
+def content_or_calls(messages: list[Message]) -> list[Message]:
+    """Only an assistant turn that called tools may come without content (one pass over
+    the list per request, not a validator call per message)."""
+    for index, message in enumerate(messages):
+        if message.content is None and not (message.role == "assistant" and message.tool_calls):
+            raise ValueError(
+                f"messages[{index}].content may be null only in an assistant message with "
+                "tool_calls"
+            )
+    return messages
 
 
 class MaxPrice(BaseModel):
@@ -198,6 +203,11 @@ class ChatCompletionRequest(RoutingFields):
     orchestration: Orchestration | None = None
     tools: list[ToolDef] | None = Field(default=None, max_length=128)
 
+    @field_validator("messages")
+    @classmethod
+    def _contents(cls, value: list[Message]) -> list[Message]:
+        return content_or_calls(value)
+
     @field_validator("n")
     @classmethod
     def _only_one_choice(cls, value: int | None) -> int | None:
@@ -243,6 +253,12 @@ class JobRequest(RoutingFields):
     prompt: str | None = Field(default=None, min_length=1)
     messages: list[Message] | None = Field(default=None, min_length=1, max_length=10_000)
     max_tokens: int = Field(default=256, ge=1)
+
+    @field_validator("messages")
+    @classmethod
+    def _contents(cls, value: list[Message] | None) -> list[Message] | None:
+        return None if value is None else content_or_calls(value)
+
     temperature: float = Field(default=0.7, ge=0, le=2)
     top_p: float = Field(default=0.9, ge=0, le=1)
     stop: list[str] | None = Field(default=None, max_length=4)
