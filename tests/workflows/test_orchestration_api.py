@@ -173,6 +173,15 @@ async def test_budgets_stop_runs_with_a_clear_status(priced: LiveGateway) -> Non
         error = nothing.json()["error"]
         assert error["code"] == "ORCHESTRATION_BUDGET_TOO_LOW"
         assert error["param"] == "orchestration.max_cost_usd"
+        streamed = await client.post(
+            "/v1/chat/completions",
+            json={
+                **ask("Research", workflow="research", max_cost_usd=0.000001),
+                "stream": True,
+            },
+        )
+        assert streamed.status_code == 400
+        assert streamed.json()["error"]["code"] == "ORCHESTRATION_BUDGET_TOO_LOW"
         capped = await client.post(
             "/v1/chat/completions", json=ask("Research", workflow="research", max_cost_micros=1500)
         )
@@ -400,3 +409,16 @@ async def test_an_orchestrated_answer_joins_its_conversation(live: LiveGateway) 
         ("user", "Research otters"),
         ("assistant", answer),
     ]
+
+
+async def test_a_stream_that_fails_before_its_first_step_is_a_plain_http_error(
+    live: LiveGateway,
+) -> None:
+    await live.add_sim_device(fail_rate=1.0)
+    _, key = await live.developer_key()
+    async with live.client(key) as client:
+        failing = await client.post(
+            "/v1/chat/completions", json={**ask("Research", workflow="research"), "stream": True}
+        )
+        assert failing.status_code == 502
+        assert failing.json()["error"]["code"] == "ALL_ATTEMPTS_FAILED"

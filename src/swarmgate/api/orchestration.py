@@ -7,7 +7,8 @@ Each step answers with at most its workflow's token allowance, or the request's
 ``max_tokens`` when that is smaller. Non-streamed, the answer is one chat completion whose ``swarmgate.workflow`` tells the
 run's id, workflow, status and cost. Streamed, each finished step is an SSE chunk with
 an empty delta and ``swarmgate.workflow_step``; then the answer follows as content
-deltas, then the closing chunk and ``[DONE]``.
+deltas, then the closing chunk and ``[DONE]``. The response starts only once a step has
+succeeded, so an early failure is a plain HTTP error.
 """
 
 from __future__ import annotations
@@ -332,23 +333,43 @@ async def orchestrate(
             payload["swarmgate"] = extra
         return sse(payload)
 
+    progress: asyncio.Queue[StepRecord | None] = asyncio.Queue()
+
+    async def on_step(record: StepRecord) -> None:
+        await store.step(run_id, record)
+        progress.put_nowait(record)
+
+    task_ = asyncio.create_task(execute(on_step))
+    task_.add_done_callback(lambda _t: progress.put_nowait(None))
+    # Nothing is sent before the first step has finished: a run that fails (or that its
+    # budget stops) before then is a plain HTTP error, as a stream is before its first
+    # token.
+    early: list[StepRecord] = []  # failed steps before the first success, replayed
+    try:
+        while (got := await progress.get()) is not None:
+            early.append(got)
+            if got.status == "succeeded":
+                break
+    except BaseException:
+        task_.cancel()
+        raise
+    if got is None and not task_.cancelled():
+        error = task_.exception()
+        if error is not None:
+            raise error
+
     async def events() -> AsyncIterator[bytes]:
-        progress: asyncio.Queue[StepRecord | None] = asyncio.Queue()
-
-        async def on_step(record: StepRecord) -> None:
-            await store.step(run_id, record)
-            progress.put_nowait(record)
-
-        task_ = asyncio.create_task(execute(on_step))
-        task_.add_done_callback(lambda _t: progress.put_nowait(None))
         try:
             yield chunk(
                 {"role": "assistant", "content": ""},
                 None,
                 {"workflow_id": run_id, "workflow": name},
             )
-            while (record := await progress.get()) is not None:
-                yield chunk({}, None, {"workflow_step": record.describe()})
+            for step in early:
+                yield chunk({}, None, {"workflow_step": step.describe()})
+            if got is not None:
+                while (later := await progress.get()) is not None:
+                    yield chunk({}, None, {"workflow_step": later.describe()})
             try:
                 result = task_.result()
             except SwarmgateError as exc:
