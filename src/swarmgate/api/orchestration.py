@@ -26,13 +26,11 @@ from swarmgate.api.responses import json_response
 from swarmgate.api.running import (
     DONE_FRAME,
     SSE_HEADERS,
-    admit,
     build_route,
     hold_bound,
     new_job_id,
     now_utc,
-    release,
-    settle,
+    run_job,
     sse,
 )
 from swarmgate.api.schemas import ChatCompletionRequest, Orchestration
@@ -133,23 +131,12 @@ class GatewaySteps:
         return hold_bound(spec, entry, cloud, pools, bound)[0]
 
     async def run(self, request: StepRequest) -> StepOutcome:
-        gateway = self.gateway
         spec = self._spec(request)
         started = time.monotonic()
-        created_at = now_utc()
         try:
-            admitted = await admit(gateway, self.principal, spec)
-        except SwarmgateError as exc:
-            raise StepFailed(exc, None, 0) from None
-        execution = gateway.execution(admitted.spec)
-        try:
-            completion = await execution.complete()
-            cost = await settle(gateway, admitted, execution)
+            execution, completion, cost = await run_job(self.gateway, self.principal, spec)
         except SwarmgateError as exc:
             raise StepFailed(exc, spec.job_id, int((time.monotonic() - started) * 1000)) from None
-        finally:
-            release(gateway, admitted)
-            gateway.job_log.record(execution, created_at)
         return StepOutcome(
             text=completion.text,
             model=execution.model or spec.model,

@@ -417,6 +417,24 @@ def now_utc() -> datetime:
     return datetime.now(UTC)
 
 
+async def run_job(
+    gateway: Gateway, principal: Principal, spec: JobSpec
+) -> tuple[Execution, Completion, int]:
+    """A whole job for work the gateway does on a key's behalf (memory upkeep,
+    orchestration steps): admitted, run to completion, settled (what it cost, in
+    micro-dollars), recorded. Raises the job's ``SwarmgateError``, uncharged."""
+    created_at = now_utc()
+    admitted = await admit(gateway, principal, spec)
+    execution = gateway.execution(admitted.spec)
+    try:
+        completion = await execution.complete()
+        cost = await settle(gateway, admitted, execution)
+    finally:
+        release(gateway, admitted)
+        gateway.job_log.record(execution, created_at)
+    return execution, completion, cost
+
+
 def upkeep_runner(gateway: Gateway) -> Runner:
     """Runs the title and summary jobs of conversation memory (``memory.service.Runner``)
     like requests of the same key: admitted, charged, recorded; None when one fails."""
@@ -436,22 +454,11 @@ def upkeep_runner(gateway: Gateway) -> Runner:
             params=SamplingParams(max_tokens=max_tokens, temperature=0.0, top_p=1.0),
             stream=False,
         )
-        created_at = now_utc()
         try:
-            admitted = await admit(gateway, principal, spec)
-        except SwarmgateError as exc:
-            log.warning("a conversation upkeep job was not admitted: %s", exc.code)
-            return None
-        execution = gateway.execution(admitted.spec)
-        try:
-            completion = await execution.complete()
-            await settle(gateway, admitted, execution)
+            _execution, completion, _cost = await run_job(gateway, principal, spec)
         except SwarmgateError as exc:
             log.warning("a conversation upkeep job failed: %s", exc.code)
             return None
-        finally:
-            release(gateway, admitted)
-            gateway.job_log.record(execution, created_at)
         return completion.text, job_id
 
     return run
