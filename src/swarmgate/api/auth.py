@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import Response
@@ -20,7 +18,7 @@ from swarmgate.accounts.signin import (
 )
 from swarmgate.api.deps import CurrentPrincipal, GatewayDep, read_body
 from swarmgate.api.responses import json_response
-from swarmgate.api.schemas import parse_body
+from swarmgate.api.schemas import body_schema, parse_body
 from swarmgate.errors import Forbidden, RequestError
 
 router = APIRouter(tags=["accounts"])
@@ -50,20 +48,11 @@ class SignInRequest(BaseModel):
     password: str = Field(max_length=MAX_PASSWORD_LENGTH)
 
 
-def _body_schema(model: type[BaseModel]) -> dict[str, Any]:
-    return {
-        "requestBody": {
-            "required": True,
-            "content": {"application/json": {"schema": model.model_json_schema()}},
-        }
-    }
-
-
 @router.post(
     "/v1/auth/signup",
     status_code=201,
     summary="Create an account: returns a first API key (shown once) and a session",
-    openapi_extra=_body_schema(SignUpRequest),
+    openapi_extra=body_schema(SignUpRequest),
     response_model=None,
 )
 async def signup(request: Request, gateway: GatewayDep) -> Response:
@@ -95,7 +84,7 @@ async def signup(request: Request, gateway: GatewayDep) -> Response:
 @router.post(
     "/v1/auth/signin",
     summary="Sign in with an email and a password: returns a session token",
-    openapi_extra=_body_schema(SignInRequest),
+    openapi_extra=body_schema(SignInRequest),
     response_model=None,
 )
 async def signin(request: Request, gateway: GatewayDep) -> Response:

@@ -16,7 +16,7 @@ from starlette.responses import Response
 
 from swarmgate.api.deps import CurrentPrincipal, GatewayDep, read_body
 from swarmgate.api.responses import json_response
-from swarmgate.api.schemas import TextPart, parse_body
+from swarmgate.api.schemas import TextPart, body_schema, parse_body
 from swarmgate.errors import ConversationNotFound, ModelNotFound, RequestError
 from swarmgate.gateway import Gateway
 from swarmgate.memory.store import Conversation, ConversationGone, NewMessage
@@ -113,7 +113,12 @@ async def _store(
         raise _not_found(conversation.id) from None
 
 
-@router.post("", summary="Create a conversation", response_model=None)
+@router.post(
+    "",
+    summary="Create a conversation",
+    response_model=None,
+    openapi_extra=body_schema(NewConversation, required=False),
+)
 async def create_conversation(
     request: Request, principal: CurrentPrincipal, gateway: GatewayDep
 ) -> Response:
@@ -188,6 +193,7 @@ async def get_conversation(
     "/{conversation_id}/messages",
     summary="Add messages to a conversation (no model runs)",
     response_model=None,
+    openapi_extra=body_schema(AddMessages),
 )
 async def add_messages(
     conversation_id: _ID, request: Request, principal: CurrentPrincipal, gateway: GatewayDep
@@ -215,6 +221,7 @@ async def add_messages(
 
 @router.patch(
     "/{conversation_id}",
+    openapi_extra=body_schema(ConversationPatch),
     summary="Rename a conversation or set its system prompt",
     response_model=None,
 )

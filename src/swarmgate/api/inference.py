@@ -31,7 +31,7 @@ from swarmgate.api.running import (
     stream_response,
     swarmgate_info,
 )
-from swarmgate.api.schemas import InferenceRequest, JobRequest, parse_body
+from swarmgate.api.schemas import InferenceRequest, JobRequest, body_schema, parse_body
 from swarmgate.errors import Forbidden, NotFound, RequestError
 from swarmgate.gateway import Gateway
 from swarmgate.protocol import ChatMessage, Delta, Done, SamplingParams
@@ -43,18 +43,9 @@ from swarmgate.store.tables import job_attempts, jobs
 router = APIRouter(tags=["inference"])
 
 
-def _body_schema(model: Any) -> dict[str, Any]:
-    return {
-        "requestBody": {
-            "required": True,
-            "content": {"application/json": {"schema": model.model_json_schema()}},
-        }
-    }
-
-
 @router.post(
     "/v1/inference",
-    openapi_extra=_body_schema(InferenceRequest),
+    openapi_extra=body_schema(InferenceRequest),
     summary="Generate text from a prompt",
     response_model=None,
 )
@@ -161,7 +152,7 @@ async def inference(request: Request, gateway: Gateway, principal: Principal) ->
 
 @router.post(
     "/v1/jobs",
-    openapi_extra=_body_schema(JobRequest),
+    openapi_extra=body_schema(JobRequest),
     summary="Queue an inference job; poll GET /v1/jobs/{id} for the result",
     status_code=202,
     response_model=None,

@@ -19,7 +19,7 @@ from swarmgate.accounts import service
 from swarmgate.accounts.keys import KeyMode, KeySettings, Principal, utcnow
 from swarmgate.api.deps import CurrentPrincipal, GatewayDep, read_body
 from swarmgate.api.responses import json_response
-from swarmgate.api.schemas import parse_body
+from swarmgate.api.schemas import body_schema, parse_body
 from swarmgate.billing.pricing import MAX_AMOUNT_MICROS
 from swarmgate.errors import Forbidden, RequestError
 from swarmgate.gateway import Gateway
@@ -130,20 +130,11 @@ async def _owned_key(gateway: Gateway, principal: Principal, key_id: str) -> dic
     return key
 
 
-def _body_schema(model: type[BaseModel], required: bool = True) -> dict[str, Any]:
-    return {
-        "requestBody": {
-            "required": required,
-            "content": {"application/json": {"schema": model.model_json_schema()}},
-        }
-    }
-
-
 @router.post(
     "/v1/keys",
     status_code=201,
     summary="Create an API key (the secret is shown once)",
-    openapi_extra=_body_schema(NewKey, required=False),
+    openapi_extra=body_schema(NewKey, required=False),
     response_model=None,
 )
 async def create_key(
@@ -187,7 +178,7 @@ async def get_key(key_id: str, principal: CurrentPrincipal, gateway: GatewayDep)
 @router.patch(
     "/v1/keys/{key_id}",
     summary="Change an API key's name, expiry or settings",
-    openapi_extra=_body_schema(KeyChanges),
+    openapi_extra=body_schema(KeyChanges),
     response_model=None,
 )
 async def update_key(
@@ -217,7 +208,7 @@ async def update_key(
     "/v1/keys/{key_id}/rotate",
     status_code=201,
     summary="Replace an API key with a new secret, same name and settings",
-    openapi_extra=_body_schema(Rotate, required=False),
+    openapi_extra=body_schema(Rotate, required=False),
     response_model=None,
 )
 async def rotate_key(

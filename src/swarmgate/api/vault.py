@@ -15,7 +15,7 @@ from starlette.responses import Response
 
 from swarmgate.api.deps import CurrentPrincipal, GatewayDep, read_body
 from swarmgate.api.responses import json_response
-from swarmgate.api.schemas import parse_body
+from swarmgate.api.schemas import body_schema, parse_body
 from swarmgate.errors import RequestError, UpstreamAddressRefused
 from swarmgate.gateway import Gateway
 
@@ -76,7 +76,11 @@ async def _public_url(gateway: Gateway, url: str) -> None:
 
 
 @router.post(
-    "", status_code=201, summary="Store (or replace) an upstream API key", response_model=None
+    "",
+    status_code=201,
+    summary="Store (or replace) an upstream API key",
+    response_model=None,
+    openapi_extra=body_schema(VaultKey),
 )
 async def put_key(request: Request, principal: CurrentPrincipal, gateway: GatewayDep) -> Response:
     body = parse_body(VaultKey, await read_body(request, _MAX_BODY))

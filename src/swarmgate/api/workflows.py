@@ -11,7 +11,7 @@ from starlette.responses import Response
 from swarmgate.api.deps import CurrentPrincipal, GatewayDep, read_body
 from swarmgate.api.responses import json_response
 from swarmgate.api.running import at_rate
-from swarmgate.api.schemas import Message, parse_body
+from swarmgate.api.schemas import Message, body_schema, parse_body
 from swarmgate.errors import ModelNotFound, NotFound, RequestError
 from swarmgate.workflows import plan, registry
 from swarmgate.workflows.store import usd
@@ -58,7 +58,12 @@ async def get_workflow(
     return json_response(found)
 
 
-@router.post("/estimate", summary="A cost range before running a workflow", response_model=None)
+@router.post(
+    "/estimate",
+    summary="A cost range before running a workflow",
+    response_model=None,
+    openapi_extra=body_schema(EstimateRequest),
+)
 async def estimate_workflow(
     request: Request, principal: CurrentPrincipal, gateway: GatewayDep
 ) -> Response:
