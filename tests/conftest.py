@@ -137,6 +137,30 @@ class LiveGateway:
             await self.wait_for_device(device_id or agent.stats.device_id)
         return agent
 
+    async def add_llama_device(self, n_ctx: int = 512, n_threads: int = 2) -> tuple[str, NodeAgent]:
+        """A real llama.cpp node with the bundled model, on its own new device; returns
+        once its model is served (loading takes a few seconds)."""
+        from swarmgate.node.backends.llama_cpp import LlamaCppBackend
+
+        device_id, token = await self.device_token()
+        agent = NodeAgent(
+            gateway_url=self.ws_url,
+            token=token,
+            backend=LlamaCppBackend(n_ctx=n_ctx, n_threads=n_threads),
+            models=[MODEL],
+            facts=DeviceFacts(os="linux", cpu="test", ram_mb=1024),
+            reconnect_min_s=30,
+        )
+        stop = asyncio.Event()
+        self.agents.append((agent, stop, asyncio.create_task(agent.run(stop))))
+        await self.wait_for_device(device_id, timeout=120)
+        deadline = time.monotonic() + 120
+        while not self.gateway.registry.has_model(MODEL):
+            if time.monotonic() > deadline:
+                raise AssertionError("the llama.cpp device never served its model")
+            await asyncio.sleep(0.1)
+        return device_id, agent
+
     async def wait_for_device(self, device_id: str, timeout: float = 10.0) -> None:
         deadline = time.monotonic() + timeout
         while self.gateway.registry.get(device_id) is None:

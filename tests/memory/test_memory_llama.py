@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
 import pytest
 
 from swarmgate.memory.context import FOLD_INSTRUCTIONS, SUMMARY_HEADER
-from swarmgate.node.agent import NodeAgent
-from swarmgate.protocol import DeviceFacts
 from tests.conftest import MODEL, fast_settings, start_gateway, stop_gateway
 from tests.memory.test_memory_chat import Prompts
 
@@ -27,30 +24,13 @@ QUESTIONS = [
 @pytest.mark.llama
 async def test_a_real_model_titles_and_summarises_a_conversation(tmp_path: Path) -> None:
     pytest.importorskip("llama_cpp")
-    from swarmgate.node.backends.llama_cpp import LlamaCppBackend
-
     # Patient timeouts: a real model on a busy 2-core box.
     live = await start_gateway(
         fast_settings(tmp_path, first_token_timeout_s=60.0, token_stall_timeout_s=60.0)
     )
     try:
-        device_id, token = await live.device_token()
-        agent = NodeAgent(
-            gateway_url=live.ws_url,
-            token=token,
-            # A 512-token context: a few exchanges fill half of it and start the folding.
-            backend=LlamaCppBackend(n_ctx=512, n_threads=2),
-            models=[MODEL],
-            facts=DeviceFacts(os="linux", cpu="test", ram_mb=1024),
-            reconnect_min_s=30,
-        )
-        stop = asyncio.Event()
-        live.agents.append((agent, stop, asyncio.create_task(agent.run(stop))))
-        await live.wait_for_device(device_id, timeout=120)
-        for _ in range(1200):  # the model may still be loading when the device connects
-            if live.gateway.registry.has_model(MODEL):
-                break
-            await asyncio.sleep(0.1)
+        # A 512-token context: a few exchanges fill half of it and start the folding.
+        _, agent = await live.add_llama_device(n_ctx=512)
         assert live.gateway.registry.context_length(MODEL) == 512
         prompts = Prompts(agent)
         _, key = await live.developer_key()

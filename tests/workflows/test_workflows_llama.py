@@ -2,41 +2,21 @@
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
 import pytest
 
-from swarmgate.node.agent import NodeAgent
-from swarmgate.protocol import DeviceFacts
 from tests.conftest import MODEL, fast_settings, start_gateway, stop_gateway
 
 
 @pytest.mark.llama
 async def test_research_with_a_real_model(tmp_path: Path) -> None:
     pytest.importorskip("llama_cpp")
-    from swarmgate.node.backends.llama_cpp import LlamaCppBackend
-
     live = await start_gateway(
         fast_settings(tmp_path, first_token_timeout_s=60.0, token_stall_timeout_s=60.0)
     )
     try:
-        device_id, token = await live.device_token()
-        agent = NodeAgent(
-            gateway_url=live.ws_url,
-            token=token,
-            backend=LlamaCppBackend(n_ctx=2048, n_threads=2),
-            models=[MODEL],
-            facts=DeviceFacts(os="linux", cpu="test", ram_mb=1024),
-            reconnect_min_s=30,
-        )
-        stop = asyncio.Event()
-        live.agents.append((agent, stop, asyncio.create_task(agent.run(stop))))
-        await live.wait_for_device(device_id, timeout=120)
-        for _ in range(1200):
-            if live.gateway.registry.has_model(MODEL):
-                break
-            await asyncio.sleep(0.1)
+        device_id, _ = await live.add_llama_device(n_ctx=2048)
         _, key = await live.developer_key()
         async with live.client(key, timeout=300) as client:
             reply = await client.post(
