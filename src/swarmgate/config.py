@@ -89,6 +89,21 @@ class GatewaySettings(BaseSettings):
     # this long (an X-Session-ID header names the session instead).
     memory_session_idle_s: float = Field(default=1800.0, gt=0)
 
+    # scale-out: several gateways on one PostgreSQL and one Redis (cluster/)
+    # Empty: this gateway is alone (in-process presence, limits and idempotency records).
+    redis_url: str = ""
+    # Every Redis key this gateway writes starts with this (two networks can share a Redis).
+    redis_prefix: str = Field(default="sg:", min_length=1, max_length=40)
+    # This gateway's name among its peers; empty: a random one at each start.
+    gateway_id: str = Field(default="", max_length=40, pattern=r"^[A-Za-z0-9_.-]*$")
+    # A gateway that has not refreshed its liveness key for this long is taken for dead:
+    # its devices leave every other gateway's registry and their attempts fail over.
+    cluster_gateway_ttl_s: float = Field(default=5.0, gt=0)
+    cluster_liveness_interval_s: float = Field(default=1.0, gt=0)
+    # Device presence records expire after this unless refreshed; peers re-read them this often.
+    cluster_device_ttl_s: float = Field(default=60.0, gt=0)
+    cluster_sync_interval_s: float = Field(default=5.0, gt=0)
+
     # jobs
     job_log_flush_ms: int = 50
     key_cache_ttl_s: float = 30.0
@@ -151,6 +166,16 @@ class GatewaySettings(BaseSettings):
             )
         if not 0 <= self.byok_fee_bps <= 10_000:
             raise ValueError("SWARMGATE_BYOK_FEE_BPS must be 0..10000")
+        if self.redis_url and self.is_sqlite:
+            raise ValueError(
+                "SWARMGATE_REDIS_URL needs a shared database: set SWARMGATE_DATABASE_URL to "
+                "PostgreSQL (several gateways cannot share one SQLite file)"
+            )
+        if self.cluster_liveness_interval_s * 2 > self.cluster_gateway_ttl_s:
+            raise ValueError(
+                "SWARMGATE_CLUSTER_GATEWAY_TTL_S must be at least twice "
+                "SWARMGATE_CLUSTER_LIVENESS_INTERVAL_S"
+            )
         names = [u.name for u in self.upstreams]
         if len(names) != len(set(names)):
             raise ValueError("SWARMGATE_UPSTREAMS has two upstreams with the same name")

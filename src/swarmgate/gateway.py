@@ -11,11 +11,12 @@ from typing import TYPE_CHECKING
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 if TYPE_CHECKING:
+    from swarmgate.cluster.mesh import Mesh
     from swarmgate.trust.attestation import NonceBook, Verifier
 
 from swarmgate.accounts.jwt_auth import JwtVerifier
 from swarmgate.accounts.keys import LIVE_PREFIX, TEST_PREFIX, KeyVerifier, Principal, parse_bearer
-from swarmgate.accounts.limits import RateLimiter
+from swarmgate.accounts.limits import Limiter, RateLimiter
 from swarmgate.accounts.signin import SESSION_PREFIX, SessionVerifier
 from swarmgate.billing.service import Billing
 from swarmgate.billing.settlement import PendingCharge
@@ -28,9 +29,9 @@ from swarmgate.protocol import CLOSE_HEARTBEAT_TIMEOUT
 from swarmgate.routing.background import BackgroundJobs
 from swarmgate.routing.dispatch import CloudPlan, DispatchPolicy, Execution, JobSpec
 from swarmgate.routing.joblog import JobLog
-from swarmgate.routing.registry import DeviceRegistry
+from swarmgate.routing.registry import DeviceConnection, DeviceRegistry
 from swarmgate.store.db import create_engine, migrate
-from swarmgate.store.idempotency import IdempotencyStore
+from swarmgate.store.idempotency import Idempotency, IdempotencyStore
 from swarmgate.trust.book import TrustBook
 from swarmgate.trust.canary import CanaryRunner, CanarySet
 from swarmgate.upstreams import Upstreams
@@ -91,13 +92,29 @@ class Gateway:
             hold_ttl_s=settings.hold_ttl_s,
             batch_max=settings.settle_batch_max,
             enabled=settings.billing_enabled,
+            shared=bool(settings.redis_url),
         )
-        self.limiter = RateLimiter()
-        self.idempotency = IdempotencyStore(
+        self.limiter: Limiter = RateLimiter()
+        self.idempotency: Idempotency = IdempotencyStore(
             self.engine,
             ttl_s=settings.idempotency_ttl_s,
             takeover_after_s=settings.request_timeout_s,
         )
+        # Scaled out: presence, cross-gateway dispatch, limits and idempotency in Redis.
+        self.mesh: Mesh | None = None
+        if settings.redis_url:
+            from swarmgate.cluster.idempotency import RedisIdempotencyStore
+            from swarmgate.cluster.limits import RedisRateLimiter
+            from swarmgate.cluster.mesh import Mesh
+
+            self.mesh = Mesh(settings, self.registry, self.trust.profile_for)
+            self.limiter = RedisRateLimiter(self.mesh.redis, self.mesh.keys)
+            self.idempotency = RedisIdempotencyStore(
+                self.mesh.redis,
+                self.mesh.keys,
+                ttl_s=settings.idempotency_ttl_s,
+                takeover_after_s=settings.request_timeout_s,
+            )
         self.background = BackgroundJobs(
             self.engine,
             self.execution,
@@ -155,6 +172,15 @@ class Gateway:
                 raise AuthError("JWT bearer tokens are not accepted: this gateway has no JWKS.")
             return await self.jwt.verify(token)
         return await self.verifier.verify(token)
+
+    def presence_changed(self, device: DeviceConnection) -> None:
+        """A device connected here joined or changed what it offers (no-op when alone)."""
+        if self.mesh is not None:
+            self.mesh.device_changed(device)
+
+    def presence_left(self, device: DeviceConnection) -> None:
+        if self.mesh is not None:
+            self.mesh.device_left(device)
 
     def _charge_settled(self, charge: PendingCharge, available_micros: int) -> None:
         """Every committed charge, as an event for the account's webhooks (O(1), no IO)."""
@@ -244,6 +270,8 @@ class Gateway:
         self.canaries.start()
         await self.background.start()
         self.memory.start()
+        if self.mesh is not None:
+            await self.mesh.start()
         self._tasks = [
             asyncio.create_task(self._watch_heartbeats(), name="heartbeat-watch"),
             asyncio.create_task(self._flush_key_use(), name="key-use-flush"),
@@ -263,6 +291,8 @@ class Gateway:
         await self.memory.stop()
         for device in self.registry.devices():
             device.close("gateway shutting down")
+        if self.mesh is not None:
+            await self.mesh.stop()
         await self.billing.stop()  # every charge already queued is written
         await self.webhooks.stop()  # after billing: its last charges raise events too
         await self.job_log.close()
@@ -282,7 +312,7 @@ class Gateway:
             await asyncio.sleep(interval)
             now = time.monotonic()
             for device in self.registry.devices():
-                if now - device.last_seen > limit:
+                if device.local and now - device.last_seen > limit:
                     log.warning(
                         "device missed its heartbeats", extra={"device_id": device.device_id}
                     )

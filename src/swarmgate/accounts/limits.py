@@ -7,8 +7,8 @@ token bucket, the most tokens it can use (prompt bound + ``max_tokens``); what i
 not use goes back when it finishes. An empty bucket answers 429 RATE_LIMIT_EXCEEDED with
 the seconds until enough has refilled.
 
-These buckets live in this process; the scale-out mode keeps the same arithmetic in a
-shared store.
+These buckets live in this process; the scale-out mode keeps the same arithmetic in
+Redis (``cluster/limits.py``), behind the ``Limiter`` calls.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from swarmgate.accounts.keys import KeySettings
 from swarmgate.errors import RateLimited
@@ -63,6 +64,29 @@ class Admission:
     tokens_taken: int = 0
 
 
+def rate_limited(settings: KeySettings, retry_after: int) -> RateLimited:
+    """The 429 for a key over its limits, naming them."""
+    which = []
+    if settings.rpm_limit is not None:
+        which.append(f"{settings.rpm_limit} requests")
+    if settings.tpm_limit is not None:
+        which.append(f"{settings.tpm_limit} tokens")
+    return RateLimited(
+        f"Rate limit exceeded for this key ({' and '.join(which)} per minute). "
+        f"Retry after {retry_after} seconds.",
+        retry_after=retry_after,
+    )
+
+
+class Limiter(Protocol):
+    async def admit(self, key_id: str | None, settings: KeySettings, tokens: int) -> Admission:
+        """Takes one request and up to ``tokens`` tokens, or raises RateLimited taking none."""
+
+    def finish(self, admission: Admission, tokens_used: int) -> None:
+        """Gives back the tokens a request took but did not use; once per admission.
+        Never blocks: a shared store is updated in the background."""
+
+
 class RateLimiter:
     """Token buckets per key, in this process."""
 
@@ -78,7 +102,7 @@ class RateLimiter:
             buckets[key_id] = bucket
         return bucket
 
-    def admit(self, key_id: str | None, settings: KeySettings, tokens: int) -> Admission:
+    async def admit(self, key_id: str | None, settings: KeySettings, tokens: int) -> Admission:
         """Takes one request and up to ``tokens`` tokens, or raises RateLimited taking none."""
         if key_id is None or (settings.rpm_limit is None and settings.tpm_limit is None):
             return Admission(key_id)
@@ -95,17 +119,7 @@ class RateLimiter:
             taken = min(tokens, settings.tpm_limit)
             wait = max(wait, tokens_bucket.wait_s(taken, now))
         if wait > 0:
-            retry_after = max(1, math.ceil(wait))
-            which = []
-            if settings.rpm_limit is not None:
-                which.append(f"{settings.rpm_limit} requests")
-            if settings.tpm_limit is not None:
-                which.append(f"{settings.tpm_limit} tokens")
-            raise RateLimited(
-                f"Rate limit exceeded for this key ({' and '.join(which)} per minute). "
-                f"Retry after {retry_after} seconds.",
-                retry_after=retry_after,
-            )
+            raise rate_limited(settings, max(1, math.ceil(wait)))
         if requests is not None:
             requests.take(1)
         if tokens_bucket is not None:

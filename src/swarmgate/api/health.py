@@ -29,6 +29,8 @@ async def readyz(gateway: GatewayDep) -> Response:
             await conn.execute(text("SELECT 1"))
     except Exception:
         return json_response({"status": "database unreachable"}, status_code=503)
+    if gateway.mesh is not None and not await gateway.mesh.ping():
+        return json_response({"status": "redis unreachable"}, status_code=503)
     return json_response({"status": "ready", "devices": len(gateway.registry.devices())})
 
 

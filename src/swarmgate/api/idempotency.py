@@ -23,7 +23,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from swarmgate.api.errors import error_response
 from swarmgate.errors import AuthError, RequestError, SwarmgateError
 from swarmgate.gateway import Gateway
-from swarmgate.store.idempotency import IdempotencyStore, StoredResponse, request_fingerprint
+from swarmgate.store.idempotency import Idempotency as IdempotencyRecords
+from swarmgate.store.idempotency import StoredResponse, request_fingerprint
 
 log = logging.getLogger("swarmgate.api")
 
@@ -38,7 +39,7 @@ _KEPT_HEADERS = frozenset({b"content-type", b"retry-after", b"cache-control"})
 class Idempotency:
     """ASGI middleware: requests without the header pass straight through."""
 
-    def __init__(self, app: ASGIApp, gateway: Gateway, store: IdempotencyStore) -> None:
+    def __init__(self, app: ASGIApp, gateway: Gateway, store: IdempotencyRecords) -> None:
         self.app = app
         self.gateway = gateway
         self.store = store

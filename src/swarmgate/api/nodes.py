@@ -149,6 +149,7 @@ async def connect(ws: WebSocket) -> None:
     if replaced is not None:
         replaced.close_code = CLOSE_REPLACED
         replaced.close("the device connected again")
+    gateway.presence_changed(device)
     log.info(
         "device connected",
         extra={"device_id": device.device_id, "models": accepted, "slots": device.slots},
@@ -176,6 +177,8 @@ async def connect(ws: WebSocket) -> None:
     finally:
         device.close("disconnected")
         gateway.registry.remove(device)
+        if gateway.registry.get(device.device_id) is None:  # not replaced by a new connection
+            gateway.presence_left(device)
         with contextlib.suppress(Exception):
             await asyncio.wait_for(writer, 5)
         writer.cancel()
@@ -219,13 +222,16 @@ async def _read(ws: WebSocket, device: DeviceConnection, gateway: Gateway, limit
                 m.id for m in frame.models if gateway.catalog.accepts_artifact(m.id, m.sha256)
             )
             gateway.registry.update_models(device, accepted, _contexts(frame.models, accepted))
+            gateway.presence_changed(device)
         else:
             raise ProtocolViolation(CLOSE_OUT_OF_ORDER, "hello was already received")
 
 
 def _apply_heartbeat(device: DeviceConnection, beat: Heartbeat, gateway: Gateway) -> None:
     warming = frozenset(m.id for m in beat.warming if gateway.catalog.get(m.id) is not None)
-    if warming != device.warming:
+    was_paused = device.state is ConnectionState.PAUSED
+    warming_changed = warming != device.warming
+    if warming_changed:
         gateway.registry.set_warming(device, warming)
     if beat.paused and device.state in (ConnectionState.READY, ConnectionState.BUSY):
         device.pause_reason = beat.pause_reason or "paused by the device"
@@ -236,6 +242,8 @@ def _apply_heartbeat(device: DeviceConnection, beat: Heartbeat, gateway: Gateway
         device.pause_reason = None
         device.transition(ConnectionState.READY if device.free_slots > 0 else ConnectionState.BUSY)
         gateway.registry.slot_freed(device)
+    if warming_changed or was_paused != (device.state is ConnectionState.PAUSED):
+        gateway.presence_changed(device)
 
 
 async def _record_hello(gateway: Gateway, device_id: str, hello: Hello) -> None:

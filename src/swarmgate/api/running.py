@@ -184,7 +184,7 @@ async def admit(gateway: Gateway, principal: Principal, spec: JobSpec) -> Admitt
                 raise
     prompt_bound = route.prompt_tokens or prompt_token_bound(m.content for m in spec.messages)
     max_tokens = spec.params.max_tokens
-    admission = gateway.limiter.admit(
+    admission = await gateway.limiter.admit(
         principal.key_id, principal.settings, prompt_bound + max_tokens
     )
     if not gateway.billing.enabled:

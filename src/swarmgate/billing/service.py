@@ -81,6 +81,8 @@ class RequestHold:
     created: float = field(default_factory=time.monotonic)
     ledger_hold_id: str | None = None  # asynchronous jobs: the hold is in the ledger
     resolved: bool = False
+    # Scaled out, a request's own hold is in the ledger too; voiding it gives it back there.
+    void_in_ledger: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,8 +116,14 @@ class Billing:
         hold_ttl_s: float = 3_600.0,
         batch_max: int = 512,
         enabled: bool = True,
+        shared: bool = False,
     ) -> None:
         self._engine = engine
+        # Several gateways share the database: a wallet in this process cannot see what
+        # the others reserve, so every hold is a row-locked ledger hold (the wallet is then
+        # only a first check) and a void gives the credit back in the ledger.
+        self.shared = shared
+        self._voiding: set[asyncio.Task[None]] = set()
         self.ledger = Ledger(engine)
         self._share_bps = provider_share_bps
         self._hold_ttl_s = hold_ttl_s
@@ -136,6 +144,7 @@ class Billing:
         self.writer.start()
 
     async def stop(self) -> None:
+        await self.drain_voids()
         await self.writer.stop()
 
     # -- balances -------------------------------------------------------------------------
@@ -252,6 +261,8 @@ class Billing:
         then runs in the hold's database transaction.
         """
         sandbox = principal.sandbox
+        shared_hold = self.shared and not in_ledger
+        in_ledger = in_ledger or self.shared
         wallet = await self._wallet(principal.account_id, sandbox)
         spend: KeySpend | None = None
         cap = principal.settings.daily_spend_cap_micros
@@ -298,8 +309,26 @@ class Billing:
                     sandbox,
                     also=also,
                 )
+            except InsufficientCredits:
+                if spend is not None:
+                    spend.reserved -= amount_micros
+                if not shared_hold:
+                    raise
+                # Another gateway spent what this one's wallet still counted.
+                await self._resync(principal.account_id, sandbox, wallet)
+                kind = "sandbox credit" if sandbox else "credit"
+                raise InsufficientCredits(
+                    f"Insufficient {kind}: this request may cost up to {amount_micros} "
+                    f"micro-dollars and {max(0, wallet.available - amount_micros)} are "
+                    "available. Top up, or lower max_tokens."
+                ) from None
+            except BaseException:
+                if spend is not None:
+                    spend.reserved -= amount_micros
+                raise
             finally:
                 wallet.release(amount_micros)
+            hold.void_in_ledger = shared_hold
             # The credit now sits in the ledger's holds book, not in the developer book;
             # the ledger expires it by itself.
             wallet.committed -= amount_micros
@@ -315,8 +344,28 @@ class Billing:
         self._open.pop(id(hold), None)
         if hold.ledger_hold_id is None:
             hold.wallet.release(hold.amount_micros)
+        elif hold.void_in_ledger:
+            task = asyncio.get_running_loop().create_task(self._give_back(hold))
+            self._voiding.add(task)
+            task.add_done_callback(self._voiding.discard)
         if hold.spend is not None:
             hold.spend.reserved -= hold.amount_micros
+
+    async def _give_back(self, hold: RequestHold) -> None:
+        """Voids a request's ledger hold (scaled out); the sweeper expires it if this fails."""
+        assert hold.ledger_hold_id is not None
+        try:
+            if await self.ledger.void(hold.ledger_hold_id):
+                hold.wallet.committed += hold.amount_micros
+        except Exception:
+            log.warning(
+                "voiding a hold failed; it expires with its TTL", extra={"job_id": hold.job_id}
+            )
+
+    async def drain_voids(self) -> None:
+        """Waits for the ledger voids under way (shutdown, tests)."""
+        while self._voiding:
+            await asyncio.gather(*list(self._voiding), return_exceptions=True)
 
     async def void_in_ledger(self, hold: RequestHold) -> None:
         """Voids a hold (in memory or in the ledger) and gives the credit back."""
@@ -378,7 +427,8 @@ class Billing:
                 else:
                     wallet.failed_charge(amount)
             elif ok:
-                wallet.committed += hold.amount_micros - amount  # the unspent part came back
+                # The part that settled the ledger hold gave it back; the others spent.
+                wallet.committed += pending.held_micros - amount
             if spend is not None:
                 spend.pending -= amount
                 if ok:
@@ -447,8 +497,10 @@ class Billing:
                     provider_micros=provider,
                     platform_micros=platform,
                     created_at=utcnow(),
-                    hold_id=hold.ledger_hold_id,
-                    held_micros=hold.amount_micros,
+                    # A ledger hold is settled by the first part (which gives the whole hold
+                    # back less its own cost); later parts are paid from what came back.
+                    hold_id=hold.ledger_hold_id if index == 0 else None,
+                    held_micros=hold.amount_micros if index == 0 else 0,
                 )
             )
         return pendings

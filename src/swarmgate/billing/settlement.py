@@ -170,7 +170,8 @@ class _Batch:
 def plan_batch(batch: list[PendingCharge], *, for_sqlite: bool = False) -> _Batch:
     """The rows and balance changes that commit ``batch``: pure, no IO.
 
-    The charges of one account in one batch are posted as one ledger transaction whose
+    The charges of one account in one batch (but those settling a ledger hold, which get
+    one each) are posted as one ledger transaction whose
     entries are the net of their postings per book (it balances because each posting
     set does); every charge keeps its own ``charges`` row, pointing at that transaction.
     Under load this writes about one row per charge instead of five.
@@ -178,9 +179,11 @@ def plan_batch(batch: list[PendingCharge], *, for_sqlite: bool = False) -> _Batc
     ``for_sqlite`` stores instants and flags the way SQLAlchemy's SQLite types do (text
     and 0/1), converted once per charge: the raw DBAPI path skips per-value processing.
     """
-    by_account: dict[str, list[PendingCharge]] = {}
+    by_account: dict[tuple[str, str | None], list[PendingCharge]] = {}
     for charge in batch:
-        by_account.setdefault(charge.account_id, []).append(charge)
+        # A charge that settles a ledger hold keeps a transaction of its own, which names
+        # the hold: every hold has exactly one resolving transaction.
+        by_account.setdefault((charge.account_id, charge.hold_id), []).append(charge)
     transactions: list[tuple[Any, ...]] = []
     entries: list[tuple[Any, ...]] = []
     charge_rows: list[tuple[Any, ...]] = []
@@ -188,7 +191,7 @@ def plan_batch(batch: list[PendingCharge], *, for_sqlite: bool = False) -> _Batc
     net: dict[str, int] = defaultdict(int)
     first = batch[0].created_at
     resolved_at: Any = sqlite_value(first) if for_sqlite else first
-    for account_id, group in by_account.items():
+    for (account_id, _hold_id), group in by_account.items():
         txn = new_id("txn")
         only = group[0] if len(group) == 1 else None
         transactions.append(

@@ -15,6 +15,7 @@ import time
 from collections import Counter, defaultdict, deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from swarmgate.catalog import Pricing
 from swarmgate.errors import DeviceGone, DevicesBusy, ModelWarming, NoDeviceMatches
@@ -48,6 +49,9 @@ AttemptEvent = Delta | Done | JobError | DeviceLost
 
 @dataclass(eq=False)
 class DeviceConnection:
+    # False for a device connected to another gateway of the network (cluster/mesh.py).
+    local: ClassVar[bool] = True
+
     device_id: str
     account_id: str
     region: str

@@ -87,7 +87,15 @@ def _upgrade(connection: Connection) -> None:
     command.upgrade(config, "head")
 
 
+# Gateways that start together on one PostgreSQL migrate one at a time (any fixed number).
+MIGRATION_LOCK = 0x5347_4D49
+
+
 async def migrate(engine: AsyncEngine) -> None:
-    """Bring the schema to the newest migration (idempotent)."""
+    """Bring the schema to the newest migration (idempotent). On PostgreSQL a transaction
+    advisory lock makes gateways starting together take turns; the later ones find the
+    schema current."""
     async with engine.begin() as connection:
+        if connection.dialect.name == "postgresql":
+            await connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})")
         await connection.run_sync(_upgrade)

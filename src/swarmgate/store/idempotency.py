@@ -1,11 +1,13 @@
 """The stored side of ``Idempotency-Key`` (see ``api/idempotency.py``): one row per
-(account, key), claimed by the first request and holding its response for replays."""
+(account, key), claimed by the first request and holding its response for replays.
+Scaled out, the same calls keep the records in Redis (``cluster/idempotency.py``)."""
 
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Protocol
 
 import orjson
 from sqlalchemy import ColumnElement, and_, delete, insert, select, update
@@ -23,6 +25,46 @@ class StoredResponse:
     status: int
     headers: list[tuple[bytes, bytes]]
     body: bytes
+
+
+def mismatch() -> IdempotencyMismatch:
+    return IdempotencyMismatch(
+        "This Idempotency-Key was used with a different request (method, path or body). "
+        "Use a new key for a new request.",
+        param="Idempotency-Key",
+    )
+
+
+def in_progress() -> Conflict:
+    return Conflict(
+        "A request with this Idempotency-Key is still running. Retry after it has finished "
+        "to get its response.",
+        param="Idempotency-Key",
+        code="IDEMPOTENCY_IN_PROGRESS",
+        retry_after=1,
+    )
+
+
+def contended() -> Conflict:
+    return Conflict(
+        "This Idempotency-Key is contended; retry.",
+        param="Idempotency-Key",
+        code="IDEMPOTENCY_IN_PROGRESS",
+        retry_after=1,
+    )
+
+
+class Idempotency(Protocol):
+    """Where ``Idempotency-Key`` records live: the database, or Redis when scaled out."""
+
+    async def begin(self, account_id: str, key: str, fingerprint: str) -> StoredResponse | None:
+        """Claims the key (None: run the request) or returns the stored response."""
+
+    async def finish(self, account_id: str, key: str, response: StoredResponse | None) -> None:
+        """Stores the response for replays, or (None) frees the key."""
+
+    async def purge_expired(self) -> int:
+        """Deletes expired records; how many."""
 
 
 def request_fingerprint(method: str, path: str, body: bytes) -> str:
@@ -70,11 +112,7 @@ class IdempotencyStore:
                     await conn.execute(delete(idempotency_keys).where(_key_is(account_id, key)))
                     continue
                 if row.request_hash != fingerprint:
-                    raise IdempotencyMismatch(
-                        "This Idempotency-Key was used with a different request (method, path "
-                        "or body). Use a new key for a new request.",
-                        param="Idempotency-Key",
-                    )
+                    raise mismatch()
                 if row.status == "done":
                     return StoredResponse(
                         status=int(row.response_status),
@@ -85,13 +123,7 @@ class IdempotencyStore:
                         body=(row.response_body or "").encode(),
                     )
                 if as_utc(row.created_at) + self._takeover > now:
-                    raise Conflict(
-                        "A request with this Idempotency-Key is still running. Retry after it "
-                        "has finished to get its response.",
-                        param="Idempotency-Key",
-                        code="IDEMPOTENCY_IN_PROGRESS",
-                        retry_after=1,
-                    )
+                    raise in_progress()
                 # Its first run never finished (the gateway stopped): this retry takes over.
                 taken = await conn.execute(
                     update(idempotency_keys)
@@ -101,12 +133,7 @@ class IdempotencyStore:
                 )
                 if taken.rowcount == 1:
                     return None
-        raise Conflict(
-            "This Idempotency-Key is contended; retry.",
-            param="Idempotency-Key",
-            code="IDEMPOTENCY_IN_PROGRESS",
-            retry_after=1,
-        )
+        raise contended()
 
     async def finish(self, account_id: str, key: str, response: StoredResponse | None) -> None:
         """Stores the response for replays, or (None) frees the key for a retry."""

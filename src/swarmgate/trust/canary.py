@@ -172,8 +172,10 @@ class CanaryRunner:
         devices = self._registry.devices()
         self._rng.shuffle(devices)
         for device in devices:
-            if not device.accepting or device.active:
-                continue  # never take a slot a paying job could use
+            if not device.local or not device.accepting or device.active:
+                # Never take a slot a paying job could use; a device on another gateway
+                # gets its canaries from that gateway.
+                continue
             models = [m for m in device.models if self.canaries.covers(m, device.profile.engine)]
             if models:
                 targets.append((device, self._rng.choice(sorted(models))))

@@ -1,0 +1,284 @@
+"""Scale-out: the cost of the cross-gateway hop, and throughput with one and two gateways.
+
+    .venv/bin/python benchmarks/cluster_hop.py            # ~3 minutes
+    .venv/bin/python benchmarks/cluster_hop.py --quick    # ~1 minute
+
+Needs the local PostgreSQL and Redis (``scripts/services.sh``). Each run makes a fresh
+PostgreSQL database and a fresh Redis key prefix and removes both at the end.
+
+Processes: gateways A and B (``swarmgate serve`` on PostgreSQL + Redis), sim nodes
+(``swarmgate node --backend sim``, 256 slots, 16-token answers, no delay), and this
+process as the load generator (the raw keep-alive HTTP client of
+``gateway_overhead.py``).
+
+1. ``hop``: one sim device, connected to B. Concurrency 1, non-streamed requests,
+   alternating between B (direct: the device is B's own) and A (the hop: A's request
+   runs on B's device through Redis). The rounds interleave the two paths so that noise
+   falls on both; p50/p99 per path and the difference of the medians. Streamed
+   requests the same way, for the time to the first token.
+2. ``throughput``: concurrency 64 for a fixed time against (a) gateway A alone with its
+   own sim node, and (b) A and B together, each with its own sim node, the load split
+   half and half. Requests/s, errors, and CPU per request of each process.
+
+On this 2-core machine every process shares the two cores with PostgreSQL, Redis, the
+sim nodes and the load generator: (b) shows what a second gateway process costs and
+adds where no core is idle; BENCHMARKS.md explains how it scales with cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import secrets
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import gateway_overhead as bench
+
+POSTGRES = os.environ.get(
+    "SWARMGATE_BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
+)
+REDIS = os.environ.get("SWARMGATE_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+class Network:
+    """A fresh database and Redis prefix, the gateways and nodes on them."""
+
+    def __init__(self, work: Path) -> None:
+        self.work = work
+        self.db = f"sg_bench_{secrets.token_hex(4)}"
+        self.prefix = f"sgb{secrets.token_hex(3)}:"
+        self.database_url = (
+            POSTGRES.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://")
+            + f"/{self.db}"
+        )
+        self.env = {
+            **os.environ,
+            "SWARMGATE_DATABASE_URL": self.database_url,
+            "SWARMGATE_REDIS_URL": REDIS,
+            "SWARMGATE_REDIS_PREFIX": self.prefix,
+            "SWARMGATE_ADMIN_TOKEN": bench.ADMIN_TOKEN,
+            "SWARMGATE_LOG_LEVEL": "WARNING",
+            "SWARMGATE_CANARY_INTERVAL_S": "0",
+        }
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.ports: dict[str, int] = {}
+
+    async def create(self) -> None:
+        import asyncpg
+
+        conn = await asyncpg.connect(POSTGRES)
+        await conn.execute(f'CREATE DATABASE "{self.db}"')
+        await conn.close()
+        dev = bench.admin(
+            self.env, "accounts", "create", "--name", "bench-dev", "--credits", "100000"
+        )
+        self.key = bench.admin(self.env, "keys", "create", "--account", dev["id"])["key"]
+        self.provider = bench.admin(self.env, "accounts", "create", "--name", "prov", "--provider")[
+            "id"
+        ]
+
+    def gateway(self, name: str) -> int:
+        port = bench.free_port()
+        log = (self.work / f"{name}.log").open("wb")
+        self.procs[name] = subprocess.Popen(
+            bench.swarmgate("serve"),
+            env={
+                **self.env,
+                "SWARMGATE_PORT": str(port),
+                "SWARMGATE_GATEWAY_ID": name,
+                "SWARMGATE_DATA_DIR": str(self.work / name),
+            },
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        self.ports[name] = port
+        deadline = time.monotonic() + 60
+        while bench._get_json(f"http://127.0.0.1:{port}/healthz") is None:
+            if time.monotonic() > deadline or self.procs[name].poll() is not None:
+                raise SystemExit(f"gateway {name} did not start; see {log.name}")
+            time.sleep(0.1)
+        return port
+
+    def node(self, name: str, gateway: str) -> None:
+        token = bench.admin(self.env, "devices", "create", "--account", self.provider)["token"]
+        log = (self.work / f"{name}.log").open("wb")
+        self.procs[name] = subprocess.Popen(
+            bench.swarmgate(
+                "node",
+                "--gateway",
+                f"ws://127.0.0.1:{self.ports[gateway]}/v1/nodes/connect",
+                "--token",
+                token,
+                "--backend",
+                "sim",
+                "--model",
+                bench.MODEL,
+                "--slots",
+                "256",
+                "--sim-length",
+                "16",
+            ),
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+
+    def wait_devices(self, gateway: str, count: int) -> None:
+        deadline = time.monotonic() + 60
+        url = f"http://127.0.0.1:{self.ports[gateway]}/readyz"
+        while (bench._get_json(url) or {}).get("devices", 0) != count:
+            if time.monotonic() > deadline:
+                raise SystemExit(f"{gateway} never saw {count} device(s)")
+            time.sleep(0.1)
+
+    def stop(self, *names: str) -> None:
+        for name in names or list(self.procs):
+            proc = self.procs.pop(name)
+            if proc.poll() is None:
+                proc.terminate()
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+    async def destroy(self) -> None:
+        import asyncpg
+        from redis.asyncio import Redis
+
+        self.stop()
+        conn = await asyncpg.connect(POSTGRES)
+        await conn.execute(f'DROP DATABASE IF EXISTS "{self.db}" WITH (FORCE)')
+        await conn.close()
+        client = Redis.from_url(REDIS)
+        async for key in client.scan_iter(match=f"{self.prefix}*", count=500):
+            await client.delete(key)
+        await client.aclose()
+
+
+async def hop_phase(net: Network, rounds: int, per_round: int) -> dict[str, Any]:
+    net.gateway("A")
+    net.gateway("B")
+    net.node("node-B", "B")
+    net.wait_devices("B", 1)
+    net.wait_devices("A", 1)
+    out: dict[str, Any] = {}
+    for stream in (False, True):
+        payloads = {
+            name: bench.raw_request(net.ports[name], net.key, stream) for name in ("A", "B")
+        }
+        samples: dict[str, list[float]] = {"A": [], "B": []}
+        for name in ("A", "B"):  # warm-up
+            await bench.closed_loop(net.ports[name], payloads[name], 1, n=100)
+        for _ in range(rounds):
+            for name in ("B", "A"):
+                run = await bench.closed_loop(net.ports[name], payloads[name], 1, n=per_round)
+                if run.errors:
+                    raise SystemExit(f"{run.errors} errors on {name}: {run.statuses}")
+                samples[name].extend(run.firsts if stream else run.latencies)
+        kind = "stream_first_token" if stream else "completion"
+        direct, hop = samples["B"], samples["A"]
+        out[kind] = {
+            "direct_p50_ms": statistics.median(direct) * 1e3,
+            "direct_p99_ms": bench.pct(direct, 99) * 1e3,
+            "hop_p50_ms": statistics.median(hop) * 1e3,
+            "hop_p99_ms": bench.pct(hop, 99) * 1e3,
+            "added_p50_ms": (statistics.median(hop) - statistics.median(direct)) * 1e3,
+            "requests_per_path": len(direct),
+        }
+    net.stop("node-B", "A", "B")
+    return out
+
+
+async def load(ports: list[int], key: str, seconds: float, pids: dict[str, int]) -> dict[str, Any]:
+    payloads = [bench.raw_request(port, key, False) for port in ports]
+    share = 64 // len(ports)
+    for port, payload in zip(ports, payloads, strict=True):
+        await bench.closed_loop(port, payload, share, duration=1.0)  # warm-up
+    with bench.cpu_meter(pids) as cpu:
+        runs = await asyncio.gather(
+            *(
+                bench.closed_loop(port, payload, share, duration=seconds)
+                for port, payload in zip(ports, payloads, strict=True)
+            )
+        )
+    ok = sum(len(r.latencies) for r in runs)
+    wall = max(r.wall_s for r in runs)
+    result: dict[str, Any] = {
+        "rps": ok / wall,
+        "errors": sum(r.errors for r in runs),
+        "p50_ms": bench.pct([x for r in runs for x in r.latencies], 50) * 1e3,
+    }
+    for name, value in cpu.items():
+        if not name.endswith("_ctx_switches"):
+            result[f"{name}_cpu_us_per_req"] = value / ok * 1e6 if ok else float("nan")
+            result[f"{name}_cores"] = value / wall
+    return result
+
+
+async def throughput_phase(net: Network, reps: int, seconds: float) -> dict[str, Any]:
+    out: dict[str, Any] = {"one": [], "two": []}
+    net.gateway("A")
+    net.node("node-A", "A")
+    net.wait_devices("A", 1)
+    pids = {"gateway_A": net.procs["A"].pid, "node_A": net.procs["node-A"].pid}
+    for _ in range(reps):  # A alone, with its own node
+        out["one"].append(await load([net.ports["A"]], net.key, seconds, pids))
+    net.gateway("B")
+    net.node("node-B", "B")
+    net.wait_devices("A", 2)
+    net.wait_devices("B", 2)
+    pids |= {"gateway_B": net.procs["B"].pid, "node_B": net.procs["node-B"].pid}
+    for _ in range(reps):  # A and B, each with its node, the load split between them
+        out["two"].append(await load([net.ports["A"], net.ports["B"]], net.key, seconds, pids))
+    net.stop()
+    return {name: bench.median_of(reps_) for name, reps_ in out.items()}
+
+
+async def main(args: argparse.Namespace) -> None:
+    work = Path(tempfile.mkdtemp(prefix="sg-cluster-bench-"))
+    results: dict[str, Any] = {
+        "when": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": bench.machine(),
+        "git": bench.git_state(),
+    }
+    rounds, per_round = (3, 100) if args.quick else (args.rounds, args.per_round)
+    seconds = 3.0 if args.quick else args.seconds
+    net = Network(work)
+    await net.create()
+    try:
+        print("hop: direct vs through another gateway ...", flush=True)
+        results["hop"] = await hop_phase(net, rounds, per_round)
+        print(orjson.dumps(results["hop"], option=orjson.OPT_INDENT_2).decode(), flush=True)
+        print("throughput: one gateway vs two ...", flush=True)
+        results["throughput"] = await throughput_phase(net, 1 if args.quick else args.reps, seconds)
+        print(orjson.dumps(results["throughput"], option=orjson.OPT_INDENT_2).decode())
+    finally:
+        with contextlib.suppress(Exception):
+            await net.destroy()
+    bench.RESULTS.mkdir(exist_ok=True)
+    out = bench.RESULTS / f"cluster_hop-{datetime.now(UTC):%Y%m%dT%H%M%S}.json"
+    out.write_bytes(orjson.dumps(results, option=orjson.OPT_INDENT_2))
+    print(f"results: {out}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--per-round", type=int, default=200)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=8.0)
+    asyncio.run(main(parser.parse_args()))
