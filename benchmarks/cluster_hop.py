@@ -16,7 +16,10 @@ process as the load generator (the raw keep-alive HTTP client of
    runs on B's device through Redis). The rounds interleave the two paths so that noise
    falls on both; p50/p99 per path and the difference of the medians. Streamed
    requests the same way, for the time to the first token.
-2. ``throughput``: concurrency 64 for a fixed time against (a) gateway A alone with its
+2. ``parts``: what the hop is made of, in this process: one Redis traversal (PUBLISH
+   on one connection, delivered to a subscriber), and the mesh's whole round trip (two
+   ``Mesh`` objects on one event loop, a device that answers at once).
+3. ``throughput``: concurrency 64 for a fixed time against (a) gateway A alone with its
    own sim node, and (b) A and B together, each with its own sim node, the load split
    half and half. Requests/s, errors, and CPU per request of each process.
 
@@ -202,6 +205,103 @@ async def hop_phase(net: Network, rounds: int, per_round: int) -> dict[str, Any]
     return out
 
 
+async def parts_phase(net: Network, n: int = 2000) -> dict[str, Any]:
+    from redis.asyncio import Redis
+
+    from swarmgate.cluster.mesh import Mesh
+    from swarmgate.config import GatewaySettings
+    from swarmgate.protocol import Done, Usage
+    from swarmgate.routing.profile import DeviceProfile
+    from swarmgate.routing.registry import DeviceConnection, DeviceRegistry
+    from swarmgate.routing.states import ConnectionState
+
+    out: dict[str, Any] = {}
+    publisher, subscriber = Redis.from_url(REDIS), Redis.from_url(REDIS)
+    pubsub = subscriber.pubsub(ignore_subscribe_messages=True)
+    channel = f"{net.prefix}probe".encode()
+    await pubsub.subscribe(channel)
+    conn = publisher.connection_pool.make_connection()
+    await conn.connect()
+    samples = []
+    for _ in range(n):
+        start = time.perf_counter()
+        await conn.send_packed_command(conn.pack_commands([(b"PUBLISH", channel, b"x" * 200)]))
+        while await pubsub.get_message(timeout=1.0) is None:
+            pass
+        samples.append(time.perf_counter() - start)
+        await conn.read_response()
+    out["redis_traversal_p50_us"] = statistics.median(samples) * 1e6
+    await conn.disconnect()
+    await pubsub.aclose()
+    await publisher.aclose()
+    await subscriber.aclose()
+
+    def settings(name: str) -> GatewaySettings:
+        return GatewaySettings(
+            database_url=net.database_url,
+            redis_url=REDIS,
+            redis_prefix=net.prefix + "parts:",
+            gateway_id=name,
+        )
+
+    async def profile(device_id: str, account_id: str, _engine: str) -> DeviceProfile:
+        return DeviceProfile(device_id=device_id, account_id=account_id)
+
+    origin_registry, holder_registry = DeviceRegistry(), DeviceRegistry()
+    origin = Mesh(settings("origin"), origin_registry, profile)
+    holder = Mesh(settings("holder"), holder_registry, profile)
+    await origin.start()
+    await holder.start()
+    device = DeviceConnection(
+        device_id="dev_parts",
+        account_id="acct_parts",
+        region="x",
+        slots=1,
+        models=frozenset({bench.MODEL}),
+        send_text=None,  # type: ignore[arg-type]
+    )
+    loop = asyncio.get_running_loop()
+
+    def answer(text: str) -> None:  # the device: a Done for every job, at once
+        frame = orjson.loads(text)
+        if frame["type"] == "job":
+            done = Done(
+                type="done",
+                job_id=frame["job_id"],
+                finish_reason="stop",
+                usage=Usage(prompt_tokens=3, completion_tokens=4),
+                text="hello",
+            )
+            loop.call_soon(device.active[frame["job_id"]].put_nowait, done)
+
+    device.send = answer  # type: ignore[method-assign]
+    device.transition(ConnectionState.READY)
+    holder_registry.add(device)
+    holder.device_changed(device)
+    while (remote := origin_registry.get("dev_parts")) is None:
+        await asyncio.sleep(0.01)
+    job = orjson.loads(bench.request_body(False))
+    samples = []
+    for i in range(n):
+        attempt = f"job_{i}.1"
+        channel_q: asyncio.Queue[Any] = asyncio.Queue()
+        remote.occupy(attempt, channel_q)
+        frame = {"type": "job", "job_id": attempt, "model": bench.MODEL, "stream": False}
+        frame |= {
+            "messages": job["messages"],
+            "params": {"max_tokens": 16, "temperature": 0, "top_p": 1},
+        }
+        start = time.perf_counter()
+        remote.send(orjson.dumps(frame).decode())
+        await channel_q.get()
+        samples.append(time.perf_counter() - start)
+        remote.vacate(attempt)
+    out["mesh_round_trip_p50_us"] = statistics.median(samples) * 1e6
+    await origin.stop()
+    await holder.stop()
+    return out
+
+
 async def load(ports: list[int], key: str, seconds: float, pids: dict[str, int]) -> dict[str, Any]:
     payloads = [bench.raw_request(port, key, False) for port in ports]
     share = 64 // len(ports)
@@ -262,6 +362,9 @@ async def main(args: argparse.Namespace) -> None:
         print("hop: direct vs through another gateway ...", flush=True)
         results["hop"] = await hop_phase(net, rounds, per_round)
         print(orjson.dumps(results["hop"], option=orjson.OPT_INDENT_2).decode(), flush=True)
+        print("parts of the hop ...", flush=True)
+        results["parts"] = await parts_phase(net, 500 if args.quick else 2000)
+        print(orjson.dumps(results["parts"], option=orjson.OPT_INDENT_2).decode(), flush=True)
         print("throughput: one gateway vs two ...", flush=True)
         results["throughput"] = await throughput_phase(net, 1 if args.quick else args.reps, seconds)
         print(orjson.dumps(results["throughput"], option=orjson.OPT_INDENT_2).decode())
@@ -281,4 +384,6 @@ if __name__ == "__main__":
     parser.add_argument("--per-round", type=int, default=200)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=8.0)
-    asyncio.run(main(parser.parse_args()))
+    import uvloop  # the gateways' loop: the in-process parts are measured on it too
+
+    uvloop.run(main(parser.parse_args()))

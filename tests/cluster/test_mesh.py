@@ -116,8 +116,8 @@ async def test_requests_cross_to_a_device_on_the_other_gateway(pair: Pair) -> No
 
 
 async def test_load_on_both_gateways_uses_devices_on_both(pair: Pair) -> None:
-    devices_a = [await _device(pair.a, tokens_per_s=400) for _ in range(2)]
-    devices_b = [await _device(pair.b, tokens_per_s=400) for _ in range(2)]
+    devices_a = [await _device(pair.a, tokens_per_s=400, slots=4) for _ in range(2)]
+    devices_b = [await _device(pair.b, tokens_per_s=400, slots=4) for _ in range(2)]
     for device_id in devices_b:
         await wait_remote(pair.a, device_id)
     for device_id in devices_a:
@@ -218,8 +218,11 @@ async def test_a_gateway_that_stops_answering_loses_its_devices_and_streams_cont
                 silenced_at = time.monotonic()
                 await _device(pair.a)  # a device A can continue on
             last = chunk
-    noticed = time.monotonic() - silenced_at
     assert "".join(received) == full  # nothing repeated, nothing missing
     assert last["swarmgate"]["attempts"] >= 2
-    assert noticed < 5, f"the dead gateway took {noticed:.1f} s to notice"
-    assert pair.a.gateway.registry.get(dev_b) is None
+    # The stream may have moved on by its stall timeout before the liveness check ran;
+    # either way A drops B's devices within seconds.
+    while pair.a.gateway.registry.get(dev_b) is not None:
+        noticed = time.monotonic() - silenced_at
+        assert noticed < 5, f"the dead gateway was not noticed in {noticed:.1f} s"
+        await asyncio.sleep(0.02)

@@ -337,6 +337,40 @@ async def post_top_up(
     )
 
 
+# PostgreSQL: a request's hold in one statement (one round trip, prepared once per
+# connection). The guarded UPDATE gates every other part: when the developer book cannot
+# cover the amount, nothing is written and the count is 0. Books are touched in the
+# order every ledger transaction uses (sorted), so holds never deadlock with settlements.
+_PG_HOLD = """
+WITH moved AS (
+    UPDATE balances SET amount_micros = amount_micros - $1::bigint
+    WHERE book = $2::text AND amount_micros >= $1::bigint
+    RETURNING 1
+), held AS (
+    INSERT INTO balances (book, amount_micros) SELECT $3::text, $1::bigint FROM moved
+    ON CONFLICT (book) DO UPDATE SET amount_micros = balances.amount_micros + EXCLUDED.amount_micros
+    RETURNING 1
+), hold AS (
+    INSERT INTO holds (id, account_id, amount_micros, status, job_id, sandbox, expires_at,
+                       created_at)
+    SELECT $4::text, $5::text, $1::bigint, 'open', $6::text, $7::boolean, $8::timestamptz,
+           $9::timestamptz
+    FROM moved
+    RETURNING 1
+), txn AS (
+    INSERT INTO ledger_transactions (id, kind, account_id, job_id, hold_id, created_at)
+    SELECT $10::text, 'hold', $5::text, $6::text, $4::text, $9::timestamptz FROM moved
+    RETURNING 1
+), entries AS (
+    INSERT INTO ledger_entries (transaction_id, book, amount_micros)
+    SELECT $10::text, e.book, e.amount FROM moved,
+        (VALUES ($2::text, -$1::bigint), ($3::text, $1::bigint)) AS e(book, amount)
+    RETURNING 1
+)
+SELECT count(*) FROM moved
+"""
+
+
 class Ledger:
     """Every money movement of the gateway; each method is one database transaction."""
 
@@ -413,6 +447,27 @@ class Ledger:
             return InsufficientCredits(
                 f"insufficient {kind}: this request may cost up to {amount_micros} micro-dollars"
             )
+
+        if also is None and amount_micros > 0 and self._engine.dialect.name == "postgresql":
+            async with self._engine.connect() as conn:
+                raw = await conn.get_raw_connection()
+                driver: Any = raw.driver_connection
+                taken = await driver.fetchval(
+                    _PG_HOLD,
+                    amount_micros,
+                    developer_book(account_id, sandbox=sandbox),
+                    holds_book(account_id, sandbox=sandbox),
+                    hold_id,
+                    account_id,
+                    job_id,
+                    sandbox,
+                    now + timedelta(seconds=ttl_s),
+                    now,
+                    new_id("txn"),
+                )
+            if taken != 1:
+                raise short("", amount_micros)
+            return hold_id
 
         async with self.writing() as conn:
             await conn.execute(

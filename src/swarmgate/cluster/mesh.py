@@ -133,6 +133,7 @@ class Mesh:
         self._outbox: deque[tuple[bytes, bytes]] = deque()
         self._commands: deque[Callable[[Any], object]] = deque()
         self._wake = asyncio.Event()
+        self._publisher: Any = None  # a connection of its own, made on first use
         # Attempts this gateway runs for others: attempt id → relay.
         self._relays: dict[str, _Relay] = {}
         # Peer gateway → ids of its devices held here as RemoteDevice.
@@ -187,6 +188,9 @@ class Mesh:
                 await pipe.execute()
         with contextlib.suppress(Exception):
             await self._pubsub.aclose()  # type: ignore[no-untyped-call]
+        if self._publisher is not None:
+            with contextlib.suppress(Exception):
+                await self._publisher.disconnect()
         for task in list(self._background):
             task.cancel()
         await self.redis.aclose()
@@ -219,14 +223,32 @@ class Mesh:
 
     async def _flush(self) -> None:
         while self._outbox or self._commands:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                while self._commands:
-                    self._commands.popleft()(pipe)
+            if self._commands:
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    while self._commands:
+                        self._commands.popleft()(pipe)
+                    await pipe.execute()
+            if self._outbox:
                 outbox = self._outbox
-                for _ in range(min(len(outbox), 1000)):
-                    channel, data = outbox.popleft()
-                    pipe.publish(channel, data)
-                await pipe.execute()
+                batch = [outbox.popleft() for _ in range(min(len(outbox), 1000))]
+                await self._publish(batch)
+
+    async def _publish(self, batch: list[tuple[bytes, bytes]]) -> None:
+        """PUBLISHes ``batch`` in order on this gateway's own connection: one write, then
+        the replies (no pipeline object or pool checkout per batch on the hot path)."""
+        conn = self._publisher
+        if conn is None:
+            conn = self._publisher = self.redis.connection_pool.make_connection()  # type: ignore[no-untyped-call]
+        try:
+            packed = conn.pack_commands([(b"PUBLISH", channel, data) for channel, data in batch])
+            await conn.send_packed_command(packed, check_health=False)
+            for _ in batch:
+                await conn.read_response()
+        except BaseException:
+            self._publisher = None
+            with contextlib.suppress(Exception):
+                await conn.disconnect()
+            raise
 
     def to_holder(self, device: RemoteDevice, frame: str) -> None:
         """A frame for a remote device (a job or a cancel), to the gateway that holds it."""
@@ -256,7 +278,7 @@ class Mesh:
     async def _listen_loop(self) -> None:
         while True:
             try:
-                message = await self._pubsub.get_message(timeout=1.0)
+                message = await self._pubsub.get_message(timeout=None)
             except (RedisError, OSError):
                 log.warning("the Redis subscription failed; reconnecting", exc_info=True)
                 await asyncio.sleep(0.5)
