@@ -13,6 +13,7 @@ from redis.asyncio import Redis
 from sqlalchemy import func, select
 
 from swarmgate.cluster.mesh import RemoteDevice
+from swarmgate.routing.states import ConnectionState
 from swarmgate.store.tables import charges
 from tests.cluster.conftest import Pair, wait_remote
 from tests.conftest import MODEL, LiveGateway
@@ -226,3 +227,25 @@ async def test_a_gateway_that_stops_answering_loses_its_devices_and_streams_cont
         noticed = time.monotonic() - silenced_at
         assert noticed < 5, f"the dead gateway was not noticed in {noticed:.1f} s"
         await asyncio.sleep(0.02)
+
+
+async def test_a_pause_reaches_the_other_gateway(pair: Pair) -> None:
+    dev_b = await _device(pair.b)
+    remote = await wait_remote(pair.a, dev_b)
+    holder = pair.b.gateway.registry.get(dev_b)
+    assert holder is not None and remote.state is ConnectionState.READY
+
+    async def becomes(state: ConnectionState) -> None:
+        deadline = time.monotonic() + 5
+        while remote.state is not state:
+            assert time.monotonic() < deadline, f"still {remote.state}, expected {state}"
+            await asyncio.sleep(0.02)
+
+    assert pair.b.gateway.registry.set_paused(holder, True, "battery below 20 %")
+    pair.b.gateway.presence_changed(holder)
+    await becomes(ConnectionState.PAUSED)
+    assert remote.pause_reason == "battery below 20 %"
+    assert not remote.accepting
+    assert pair.b.gateway.registry.set_paused(holder, False, None)
+    pair.b.gateway.presence_changed(holder)
+    await becomes(ConnectionState.READY)

@@ -229,20 +229,11 @@ async def _read(ws: WebSocket, device: DeviceConnection, gateway: Gateway, limit
 
 def _apply_heartbeat(device: DeviceConnection, beat: Heartbeat, gateway: Gateway) -> None:
     warming = frozenset(m.id for m in beat.warming if gateway.catalog.get(m.id) is not None)
-    was_paused = device.state is ConnectionState.PAUSED
     warming_changed = warming != device.warming
     if warming_changed:
         gateway.registry.set_warming(device, warming)
-    if beat.paused and device.state in (ConnectionState.READY, ConnectionState.BUSY):
-        device.pause_reason = beat.pause_reason or "paused by the device"
-        device.transition(ConnectionState.PAUSED)
-    elif beat.paused and device.state is ConnectionState.PAUSED:
-        device.pause_reason = beat.pause_reason or device.pause_reason  # e.g. a second rule
-    elif not beat.paused and device.state is ConnectionState.PAUSED:
-        device.pause_reason = None
-        device.transition(ConnectionState.READY if device.free_slots > 0 else ConnectionState.BUSY)
-        gateway.registry.slot_freed(device)
-    if warming_changed or was_paused != (device.state is ConnectionState.PAUSED):
+    pause_changed = gateway.registry.set_paused(device, beat.paused, beat.pause_reason)
+    if warming_changed or pause_changed:
         gateway.presence_changed(device)
 
 

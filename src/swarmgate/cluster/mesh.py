@@ -507,16 +507,8 @@ class Mesh:
         warming = frozenset(str(m) for m in record.get("warming", ()))
         if warming != device.warming:
             self._registry.set_warming(device, warming)
-        paused = bool(record.get("paused"))
-        if paused and device.state in (ConnectionState.READY, ConnectionState.BUSY):
-            device.pause_reason = str(record.get("pause_reason") or "paused by the device")
-            device.transition(ConnectionState.PAUSED)
-        elif not paused and device.state is ConnectionState.PAUSED:
-            device.pause_reason = None
-            device.transition(
-                ConnectionState.READY if device.free_slots > 0 else ConnectionState.BUSY
-            )
-            self._registry.slot_freed(device)
+        reason = record.get("pause_reason")
+        self._registry.set_paused(device, bool(record.get("paused")), reason and str(reason))
 
     def _drop(self, device: RemoteDevice, reason: str) -> None:
         """A remote device is gone: its running attempts fail over."""

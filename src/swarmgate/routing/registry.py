@@ -381,6 +381,24 @@ class DeviceRegistry:
                 with contextlib.suppress(ValueError):
                     waiters.remove(future)
 
+    def set_paused(self, device: DeviceConnection, paused: bool, reason: str | None) -> bool:
+        """Pauses or resumes a device as its node reported (a pause takes no new jobs;
+        running ones finish); True when its paused state changed."""
+        if paused and device.state in (ConnectionState.READY, ConnectionState.BUSY):
+            device.pause_reason = reason or "paused by the device"
+            device.transition(ConnectionState.PAUSED)
+            return True
+        if paused and device.state is ConnectionState.PAUSED:
+            device.pause_reason = reason or device.pause_reason  # e.g. a second rule
+        elif not paused and device.state is ConnectionState.PAUSED:
+            device.pause_reason = None
+            device.transition(
+                ConnectionState.READY if device.free_slots > 0 else ConnectionState.BUSY
+            )
+            self.slot_freed(device)
+            return True
+        return False
+
     def slot_freed(self, device: DeviceConnection) -> None:
         self._wake(device.models, limit=device.free_slots)
 
