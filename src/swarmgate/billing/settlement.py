@@ -489,6 +489,16 @@ class _PostgresWriter:
             driver: Any = raw.driver_connection
             try:
                 async with driver.transaction():
+                    # Rows nobody else touches first; the shared balance rows (the
+                    # platform's, a provider's, a developer's) last, so their locks are
+                    # held for as short a time as the transaction allows.
+                    for sql, rows in zip(
+                        _PG_INSERTS,
+                        (plan.transactions, plan.entries, plan.charge_rows),
+                        strict=True,
+                    ):
+                        if rows:
+                            await driver.executemany(sql, rows)
                     for hold_id, charged in plan.claims:
                         status = await driver.execute(_PG_CLAIM, charged, plan.resolved_at, hold_id)
                         if status != "UPDATE 1":
@@ -499,13 +509,6 @@ class _PostgresWriter:
                                 raise ChargeRefused(f"{book} cannot cover {-amount} micros")
                         else:
                             await driver.execute(_PG_CREDIT, book, amount)
-                    for sql, rows in zip(
-                        _PG_INSERTS,
-                        (plan.transactions, plan.entries, plan.charge_rows),
-                        strict=True,
-                    ):
-                        if rows:
-                            await driver.executemany(sql, rows)
             except asyncpg.IntegrityConstraintViolationError as exc:
                 raise ChargeRefused(str(exc)) from exc
 
