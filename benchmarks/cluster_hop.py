@@ -23,6 +23,10 @@ process as the load generator (the raw keep-alive HTTP client of
    own sim node, and (b) A and B together, each with its own sim node, the load split
    half and half. Requests/s, errors, and CPU per request of each process.
 
+4. ``ablation``: one gateway with its node at concurrency 64, three ways: scaled out
+   (PostgreSQL + Redis), scaled out with billing off, and PostgreSQL without Redis (holds
+   in memory): where the scaled-out request path spends its time.
+
 On this 2-core machine every process shares the two cores with PostgreSQL, Redis, the
 sim nodes and the load generator: (b) shows what a second gateway process costs and
 adds where no core is idle; BENCHMARKS.md explains how it scales with cores.
@@ -347,6 +351,28 @@ async def throughput_phase(net: Network, reps: int, seconds: float) -> dict[str,
     return {name: bench.median_of(reps_) for name, reps_ in out.items()}
 
 
+async def ablation_phase(net: Network, seconds: float) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    configs = {
+        "scaled_out": {},
+        "scaled_out_billing_off": {"SWARMGATE_BILLING_ENABLED": "false"},
+        "postgres_without_redis": {"SWARMGATE_REDIS_URL": ""},
+    }
+    base_env = dict(net.env)
+    for name, extra in configs.items():
+        net.env = {**base_env, **extra}
+        net.gateway("A")
+        net.node("node-A", "A")
+        net.wait_devices("A", 1)
+        payload = bench.raw_request(net.ports["A"], net.key, False)
+        await bench.closed_loop(net.ports["A"], payload, 64, duration=1.0)  # warm-up
+        run = await bench.closed_loop(net.ports["A"], payload, 64, duration=seconds)
+        out[name] = bench.summarize(run)
+        net.stop("node-A", "A")
+    net.env = base_env
+    return out
+
+
 async def main(args: argparse.Namespace) -> None:
     work = Path(tempfile.mkdtemp(prefix="sg-cluster-bench-"))
     results: dict[str, Any] = {
@@ -368,6 +394,12 @@ async def main(args: argparse.Namespace) -> None:
         print("throughput: one gateway vs two ...", flush=True)
         results["throughput"] = await throughput_phase(net, 1 if args.quick else args.reps, seconds)
         print(orjson.dumps(results["throughput"], option=orjson.OPT_INDENT_2).decode())
+        print("ablation: what the scaled-out path spends its time on ...", flush=True)
+        results["ablation"] = await ablation_phase(net, seconds)
+        summary = {
+            k: {"rps": v["rps"], "errors": v["errors"]} for k, v in results["ablation"].items()
+        }
+        print(orjson.dumps(summary, option=orjson.OPT_INDENT_2).decode())
     finally:
         with contextlib.suppress(Exception):
             await net.destroy()
