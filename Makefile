@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc 2>/dev/null || echo 2)
 
-.PHONY: install up test lint format bench constraints clean
+.PHONY: install browser up test lint format bench constraints clean
 
 # llama.cpp compiles for the CPU it is built on. Virtual machines often advertise Intel AMX
 # without enabling it, and a -march=native build then crashes on its first batch; so AMX is
@@ -46,8 +46,12 @@ install: $(STAMP)
 up: install
 	$(BIN)/swarmgate up
 
+## Debian's chromium for the dashboard's browser tests (Playwright drives it; none is downloaded)
+browser:
+	scripts/browser.sh
+
 ## make test: lint, then the whole test suite (PostgreSQL/Redis tests need those services)
-test: install
+test: install browser
 	$(BIN)/ruff check src tests $(wildcard benchmarks)
 	$(BIN)/mypy
 	$(BIN)/python -m pytest

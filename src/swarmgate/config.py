@@ -137,8 +137,8 @@ class GatewaySettings(BaseSettings):
     stripe_secret_key: str = ""
     stripe_webhook_secret: str = ""
     stripe_api_base: str = ""  # empty: Stripe's own API
-    checkout_success_url: str = "http://127.0.0.1:8080/billing/success"
-    checkout_cancel_url: str = "http://127.0.0.1:8080/billing/cancel"
+    checkout_success_url: str = "http://127.0.0.1:8080/dashboard/?checkout=success"
+    checkout_cancel_url: str = "http://127.0.0.1:8080/dashboard/?checkout=cancel"
 
     # outgoing webhooks
     webhook_timeout_s: float = 10.0

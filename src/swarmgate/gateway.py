@@ -22,6 +22,7 @@ from swarmgate.billing.service import Billing
 from swarmgate.billing.settlement import PendingCharge
 from swarmgate.catalog import Catalog, Pricing
 from swarmgate.config import GatewaySettings
+from swarmgate.dashboard.reports import NetworkStatusCache
 from swarmgate.errors import AuthError
 from swarmgate.memory.service import Memory
 from swarmgate.metrics import Metrics
@@ -156,6 +157,7 @@ class Gateway:
         self.webhooks = Webhooks(self.engine, settings)
         self.memory = Memory(self.engine, settings, self.catalog, self.registry)
         self.workflows = WorkflowStore(self.engine)
+        self.network_status = NetworkStatusCache(self.engine, self.registry, self.catalog)
         self.billing.listeners.append(self._charge_settled)
         self.ready = False
         self._tasks: list[asyncio.Task[None]] = []

@@ -84,6 +84,7 @@ Swarmgate is up: a gateway with one local device serving {model}.
   Base URL : {base_url}/v1
   API key  : {api_key}
   Docs     : {base_url}/docs
+  Dashboard: {base_url}/dashboard/  (sign up there for your own account and keys)
 
 Try it:
 

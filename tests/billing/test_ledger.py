@@ -576,7 +576,7 @@ async def test_migration_runs_from_empty(tmp_path: Path) -> None:
                 .scalars()
                 .all()
             )
-        assert version == "0007"
+        assert version == "0008"
         assert {
             "holds",
             "ledger_transactions",

@@ -33,6 +33,8 @@ from swarmgate.api.idempotency import Idempotency
 from swarmgate.api.request_ids import RequestIds
 from swarmgate.api.responses import JSONResponse
 from swarmgate.config import GatewaySettings
+from swarmgate.dashboard import pages as dashboard
+from swarmgate.dashboard.web import StaticFiles, Templates
 from swarmgate.gateway import Gateway
 
 
@@ -82,6 +84,9 @@ def create_app(settings: GatewaySettings | None = None, gateway: Gateway | None 
         workflows,
     ):
         app.include_router(module.router)
+    app.state.dashboard_templates = Templates()
+    app.state.dashboard_static = StaticFiles()
+    app.include_router(dashboard.router)
     return app
 
 

@@ -111,14 +111,14 @@ def window_start(now: datetime, days: int) -> datetime:
     return datetime.combine(today - timedelta(days=days - 1), time(), tzinfo=UTC)
 
 
-def _day_of(dialect_name: str) -> ColumnElement[Any]:
+def day_of(dialect_name: str) -> ColumnElement[Any]:
     if dialect_name == "postgresql":
         # A literal, not a bound parameter: GROUP BY must see the same expression as SELECT.
         return cast(func.timezone(literal_column("'UTC'"), charges.c.created_at), Date)
     return func.date(charges.c.created_at)  # SQLite keeps UTC text: 'YYYY-MM-DD HH:MM:SS…'
 
 
-def _as_date(value: Any) -> date:
+def as_date(value: Any) -> date:
     return value if isinstance(value, date) else date.fromisoformat(str(value))
 
 
@@ -145,7 +145,7 @@ async def provider_report(
 ) -> ProviderReport:
     since = window_start(now, days)
     async with engine.connect() as conn:
-        day = _day_of(conn.dialect.name)
+        day = day_of(conn.dialect.name)
         grouped = (
             await conn.execute(
                 select(day, charges.c.model, charges.c.device_id, func.count(), _TOKENS, _EARNED)
@@ -169,7 +169,7 @@ async def provider_report(
     by_device: dict[str | None, Totals] = {}
     for row_day, model, device_id, jobs, tokens, earned in grouped:
         part = Totals(int(jobs), int(tokens), int(earned))
-        when = _as_date(row_day)
+        when = as_date(row_day)
         by_day[when] = by_day.get(when, Totals()) + part
         by_model[model] = by_model.get(model, Totals()) + part
         by_device[device_id] = by_device.get(device_id, Totals()) + part

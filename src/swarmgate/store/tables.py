@@ -174,6 +174,7 @@ jobs = Table(
     # Asynchronous jobs hold their credit in the ledger while queued (holds.id).
     Column("hold_id", String(40)),
     Index("ix_jobs_account_created", "account_id", "created_at"),
+    Index("ix_jobs_model_created", "model", "created_at"),
 )
 
 job_attempts = Table(

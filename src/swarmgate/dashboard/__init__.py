@@ -1,0 +1,1 @@
+"""The web dashboard: developer portal, provider portal and public network status."""
