@@ -28,3 +28,19 @@ async def test_request_bodies_are_described(
         document = (await client.get("/openapi.json")).json()
     schema = document["paths"][path][method]["requestBody"]["content"]["application/json"]["schema"]
     assert field in schema["properties"]
+
+
+async def test_answers_are_described_as_the_gateway_sends_them(live: LiveGateway) -> None:
+    async with live.client() as client:
+        document = (await client.get("/openapi.json")).json()
+    error = {"$ref": "#/components/schemas/Error"}
+    assert document["components"]["schemas"]["Error"]["required"] == ["error"]
+    chat = document["paths"]["/v1/chat/completions"]["post"]["responses"]
+    for status in ("400", "401", "402", "404", "413", "429", "503"):
+        assert chat[status]["content"]["application/json"]["schema"] == error
+    ok = document["paths"]["/v1/keys"]["get"]["responses"]["200"]
+    assert ok["content"]["application/json"]["schema"] == {"type": "object"}
+    metrics = document["paths"]["/metrics"]["get"]["responses"]
+    assert "text/plain" in metrics["200"]["content"]
+    assert set(metrics) == {"200"}
+    assert set(document["paths"]["/readyz"]["get"]["responses"]) == {"200", "503"}

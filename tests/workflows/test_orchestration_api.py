@@ -422,3 +422,12 @@ async def test_a_stream_that_fails_before_its_first_step_is_a_plain_http_error(
         )
         assert failing.status_code == 502
         assert failing.json()["error"]["code"] == "ALL_ATTEMPTS_FAILED"
+
+
+@pytest.mark.parametrize("offset", ["-1", "1000000001", "9798158970401135859335168", "x"])
+async def test_listing_refuses_an_offset_out_of_range(live: LiveGateway, offset: str) -> None:
+    _account, key = await live.developer_key()
+    async with live.client(key) as client:
+        response = await client.get("/v1/workflows", params={"offset": offset})
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "offset"

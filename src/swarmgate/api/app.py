@@ -30,6 +30,7 @@ from swarmgate.api import (
 from swarmgate.api.errors import install_error_handlers
 from swarmgate.api.hotpath import HotPaths
 from swarmgate.api.idempotency import Idempotency
+from swarmgate.api.openapi import install_openapi
 from swarmgate.api.request_ids import RequestIds
 from swarmgate.api.responses import JSONResponse
 from swarmgate.config import GatewaySettings
@@ -65,6 +66,7 @@ def create_app(settings: GatewaySettings | None = None, gateway: Gateway | None 
     app.state.gateway = gateway
     gateway.memory.runner = running.upkeep_runner(gateway)
     install_error_handlers(app)
+    install_openapi(app)
     for module in (
         chat,
         inference,

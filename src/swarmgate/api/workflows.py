@@ -19,6 +19,8 @@ from swarmgate.workflows.store import usd
 router = APIRouter(prefix="/v1/workflows", tags=["workflows"])
 
 _MAX_BODY = 4 * 1024 * 1024
+# Past this a page is empty anyway; a larger number would not fit the database's integer.
+MAX_OFFSET = 1_000_000_000
 _ASSUMED_INPUT_TOKENS = 200
 
 
@@ -38,7 +40,7 @@ async def list_workflows(
     principal: CurrentPrincipal,
     gateway: GatewayDep,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0,
 ) -> Response:
     runs, total = await gateway.workflows.page(principal.account_id, limit=limit, offset=offset)
     return json_response({"workflows": runs, "total": total, "object": "list"})
