@@ -41,6 +41,9 @@ class GatewaySettings(BaseSettings):
     first_token_timeout_s: float = 10.0
     token_stall_timeout_s: float = 30.0
     request_timeout_s: float = 300.0
+    # A streaming client that takes none of its answer for this long is dropped and its job
+    # cancelled: otherwise it could hold a device slot for as long as its socket stays open.
+    client_stall_timeout_s: float = 30.0
 
     # device connections
     heartbeat_interval_s: float = 5.0

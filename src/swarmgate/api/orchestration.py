@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 
 from swarmgate.accounts.keys import Principal
 from swarmgate.api.responses import json_response
@@ -34,6 +34,7 @@ from swarmgate.api.running import (
     sse,
 )
 from swarmgate.api.schemas import ChatCompletionRequest, Orchestration
+from swarmgate.api.streaming import PacedStreamingResponse
 from swarmgate.billing.service import prompt_token_bound
 from swarmgate.errors import RequestError, RoutingError, SwarmgateError
 from swarmgate.gateway import Gateway
@@ -389,8 +390,11 @@ async def orchestrate(
             if not task_.done():
                 task_.cancel()
 
-    return StreamingResponse(
-        events(), media_type="text/event-stream", headers={**SSE_HEADERS, **headers}
+    return PacedStreamingResponse(
+        events(),
+        stall_timeout_s=gateway.settings.client_stall_timeout_s,
+        media_type="text/event-stream",
+        headers={**SSE_HEADERS, **headers},
     )
 
 

@@ -13,11 +13,11 @@ from typing import Any
 
 import orjson
 from starlette.requests import Request
-from starlette.responses import StreamingResponse
 
 from swarmgate.accounts.keys import Principal
 from swarmgate.accounts.limits import Admission
 from swarmgate.api.schemas import RoutingFields
+from swarmgate.api.streaming import PacedStreamingResponse
 from swarmgate.billing.pricing import max_cost_micros
 from swarmgate.billing.service import BilledPart, RequestHold, prompt_token_bound
 from swarmgate.catalog import FREE, CatalogModel, Pricing
@@ -371,7 +371,7 @@ def stream_response(
     admitted: Admitted,
     on_done: Callable[[str], Awaitable[None]] | None = None,
     headers: dict[str, str] | None = None,
-) -> StreamingResponse:
+) -> PacedStreamingResponse:
     """SSE body: ``frames(event)`` renders each event, ``frames(None)`` the closing frames.
 
     The job is charged when its last event arrives, before the closing frames (finish
@@ -406,8 +406,9 @@ def stream_response(
                 await events.aclose()
             gateway.job_log.record(execution, created_at)
 
-    return StreamingResponse(
+    return PacedStreamingResponse(
         body(),
+        stall_timeout_s=gateway.settings.client_stall_timeout_s,
         media_type="text/event-stream",
         headers=SSE_HEADERS if headers is None else {**SSE_HEADERS, **headers},
     )
