@@ -3,11 +3,17 @@
     SwarmgateError
     ├── RequestError              400 INVALID_REQUEST          (bad body, bad field)
     │   ├── BodyTooLarge          413 REQUEST_TOO_LARGE
-    │   └── ModelNotFound         404 MODEL_NOT_FOUND
-    ├── AuthError                 401 INVALID_API_KEY
+    │   ├── ModelNotFound         404 MODEL_NOT_FOUND
+    │   └── ContextLengthExceeded 400 CONTEXT_LENGTH_EXCEEDED  (the messages and max_tokens
+    │                                                          do not fit the model)
+    ├── AuthError                 401 INVALID_API_KEY          (also INVALID_DEVICE_TOKEN)
     │   └── AdminAuthError        401 INVALID_ADMIN_TOKEN
     ├── NotFound                  404 NOT_FOUND                (job, resource of another account)
-    ├── Forbidden                 403 FORBIDDEN                (e.g. a model off the key's allow-list)
+    │   └── ConversationNotFound  404 CONVERSATION_NOT_FOUND
+    ├── MemoryUnavailable         503 CONVERSATION_NOT_SAVED   (the exchange could not be stored)
+    ├── Forbidden                 403 FORBIDDEN                (also MODEL_NOT_ALLOWED: a model off
+    │                                                          the key's list; PRIVACY_MODE_FORBIDS_CLOUD;
+    │                                                          SIGNUP_DISABLED; CSRF_REJECTED on forms)
     ├── Conflict                  409 CONFLICT                 (e.g. an idempotent request in flight)
     ├── IdempotencyMismatch       422 IDEMPOTENCY_KEY_REUSED   (same key, different request)
     ├── RateLimited               429 RATE_LIMIT_EXCEEDED      (the key's rpm/tpm bucket is empty)
@@ -20,12 +26,14 @@
     ├── VaultNotConfigured        503 VAULT_NOT_CONFIGURED     (no vault master secret)
     ├── CloudUnavailable          503 CLOUD_UNAVAILABLE        (no upstream for a cloud model)
     ├── UpstreamError             502 UPSTREAM_ERROR           (a cloud upstream failed)
+    │   ├── UpstreamAddressRefused 502 UPSTREAM_ADDRESS_REFUSED (a vault base URL the gateway
+    │   │                                                       will not call)
     │   ├── UpstreamAuthFailed    502 UPSTREAM_AUTH_FAILED     (it refused the key)
     │   ├── UpstreamRateLimited   429 UPSTREAM_RATE_LIMITED    (with its Retry-After)
     │   └── UpstreamTimeout       504 UPSTREAM_TIMEOUT
     ├── PaymentsNotConfigured     503 PAYMENTS_NOT_CONFIGURED  (no Stripe keys on this gateway)
     ├── PaymentProviderError      502 PAYMENT_PROVIDER_ERROR   (Stripe refused or was unreachable)
-    ├── RoutingError              503                          (no device can take the request)
+    ├── RoutingError              503 NO_DEVICE_AVAILABLE      (no device can take the request)
     │   ├── ModelWarming          503 model_warming            (catalog model, no device has it loaded)
     │   ├── NoDeviceMatches       503 NO_..._DEVICE / ..._ABOVE_MAX (the request's routing
     │   │                                                       constraints leave no device)
@@ -37,6 +45,11 @@
         ├── DeviceGone            502 DEVICE_GONE              (the connection dropped mid-job)
         ├── AllAttemptsFailed     502 ALL_ATTEMPTS_FAILED      (failover exhausted)
         └── StreamInterrupted     502 STREAM_INTERRUPTED       (tokens were sent, then the device failed)
+
+Outside the tree, ``api/errors.py`` answers what the web framework itself refuses with the
+same envelope: 404 NOT_FOUND (no such route), 405 METHOD_NOT_ALLOWED, 415
+UNSUPPORTED_MEDIA_TYPE, another status as HTTP_ERROR; and anything unexpected as 500
+INTERNAL_ERROR, logged (the tests and the fuzzing treat any 500 as a bug).
 
 Each class carries its HTTP status, OpenAI-style ``type`` and the seeds' ``code``;
 ``api/errors.py`` turns any of them into the envelope in exactly one place.

@@ -294,6 +294,20 @@ def test_unmeasured_devices_get_an_exploration_share() -> None:
     assert all(isinstance(p, Picked) for p in picks)
 
 
+def test_an_unmeasured_device_cooling_down_after_a_failure_is_not_explored() -> None:
+    rows = [D("fast", ttft=10), D("hangs", ttft=None, tps=None, samples=0)]
+    pools = index(rows)
+    hangs = next(d for d in pools["m"].unmeasured if d.device_id == "hangs")
+    hangs.profile.observe_failure("m", NOW)  # it timed out: cooling until NOW + backoff
+    rng = random.Random(1)
+    picks = [choose([pools["m"]], M, frozenset(), NOW + 0.5, rng) for _ in range(500)]
+    assert all(isinstance(p, Picked) and p.device.device_id == "fast" for p in picks)
+    # Once its cooldown is over it is explored again.
+    later = hangs.profile.cooldown_until + 1
+    picks = [choose([pools["m"]], M, frozenset(), later, rng) for _ in range(2000)]
+    assert any(isinstance(p, Picked) and p.device.device_id == "hangs" for p in picks)
+
+
 def test_a_large_pool_is_sampled_and_still_finds_a_good_device() -> None:
     rows = [D(f"d{i}", ttft=100 + i) for i in range(SCAN_LIMIT * 20)]
     pools = index(rows)

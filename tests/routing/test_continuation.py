@@ -107,6 +107,13 @@ async def test_a_stream_continues_on_another_device_and_reads_as_one_answer(
         assert row.provider_micros == split_earnings(cost)[0]
     assert second.job_id == job_id and first.job_id == f"{job_id}.1"
     assert account
+    # The developer made one request: usage counts it once, with both parts' tokens.
+    async with live.client(key) as client:
+        report = (await client.get("/v1/usage")).json()
+    assert report["total_requests"] == 1
+    assert report["by_model"][MODEL]["requests"] == 1
+    assert report["by_model"][MODEL]["completion_tokens"] == 16
+    assert report["by_key"][0]["requests"] == 1
 
 
 async def test_continuation_can_be_turned_off(live: LiveGateway) -> None:

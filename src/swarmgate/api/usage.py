@@ -16,6 +16,7 @@ from starlette.responses import Response
 
 from swarmgate.api.deps import CurrentPrincipal, GatewayDep
 from swarmgate.api.responses import json_response
+from swarmgate.billing.earnings import REQUESTS
 from swarmgate.billing.service import as_usd, month_bounds
 from swarmgate.errors import RequestError
 from swarmgate.store.tables import api_keys, charges
@@ -61,7 +62,7 @@ async def get_usage(
     by_model_query = (
         select(
             charges.c.model,
-            func.count().label("requests"),
+            REQUESTS.label("requests"),
             func.sum(charges.c.prompt_tokens).label("prompt_tokens"),
             func.sum(charges.c.completion_tokens).label("completion_tokens"),
             func.sum(tokens).label("tokens"),
@@ -77,7 +78,7 @@ async def get_usage(
             api_keys.c.name,
             api_keys.c.prefix,
             api_keys.c.daily_spend_cap_micros,
-            func.count().label("requests"),
+            REQUESTS.label("requests"),
             func.sum(tokens).label("tokens"),
             func.sum(charges.c.cost_micros).label("cost"),
         )
@@ -104,19 +105,19 @@ async def get_usage(
             "cost_usd": usd(int(row.cost or 0)),
         }
     by_key = []
-    for row in keys:
+    for key_row in keys:
         entry: dict[str, Any] = {
-            "key_id": row.key_id,
-            "name": row.name,
-            "prefix": row.prefix,
-            "requests": int(row.requests),
-            "tokens": int(row.tokens or 0),
-            "cost_micros": int(row.cost or 0),
-            "daily_spend_cap_micros": row.daily_spend_cap_micros,
+            "key_id": key_row.key_id,
+            "name": key_row.name,
+            "prefix": key_row.prefix,
+            "requests": int(key_row.requests),
+            "tokens": int(key_row.tokens or 0),
+            "cost_micros": int(key_row.cost or 0),
+            "daily_spend_cap_micros": key_row.daily_spend_cap_micros,
         }
-        if row.key_id is not None:
+        if key_row.key_id is not None:
             entry["spent_today_micros"] = await gateway.billing.spent_today(
-                row.key_id, principal.account_id
+                key_row.key_id, principal.account_id
             )
         by_key.append(entry)
     total_cost = sum(int(row.cost or 0) for row in models)

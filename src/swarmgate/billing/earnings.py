@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, Date, cast, false, func, literal_column, select
+from sqlalchemy import ColumnElement, Date, case, cast, false, func, literal_column, select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from swarmgate.billing.payouts import ProviderFunds, provider_funds
@@ -121,6 +121,11 @@ def day_of(dialect_name: str) -> ColumnElement[Any]:
 def as_date(value: Any) -> date:
     return value if isinstance(value, date) else date.fromisoformat(str(value))
 
+
+# A request whose stream was continued on another device is charged in parts: the last
+# part keeps the job's id, the earlier ones are "<id>.1", "<id>.2" … (billing/service.py).
+# A developer made one request, so only the part without a suffix counts as one.
+REQUESTS = func.coalesce(func.sum(case((charges.c.job_id.contains("."), 0), else_=1)), 0)
 
 _TOKENS = func.coalesce(func.sum(charges.c.prompt_tokens + charges.c.completion_tokens), 0)
 _EARNED = func.coalesce(func.sum(charges.c.provider_micros), 0)

@@ -18,7 +18,7 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from swarmgate.accounts.keys import utcnow
-from swarmgate.billing.earnings import as_date, day_of, window_start
+from swarmgate.billing.earnings import REQUESTS, as_date, day_of, window_start
 from swarmgate.catalog import Catalog
 from swarmgate.routing.registry import DeviceConnection, DeviceRegistry
 from swarmgate.routing.states import ConnectionState
@@ -76,7 +76,7 @@ async def usage_report(
                 select(
                     day,
                     charges.c.model,
-                    func.count(),
+                    REQUESTS,
                     func.coalesce(func.sum(charges.c.prompt_tokens), 0),
                     func.coalesce(func.sum(charges.c.completion_tokens), 0),
                     func.coalesce(func.sum(charges.c.cost_micros), 0),

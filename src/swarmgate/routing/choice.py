@@ -468,9 +468,15 @@ def _usable(device: DeviceConnection, exclude: frozenset[str] | set[str]) -> boo
 
 
 def _explore(
-    pool: ModelPool, route: Route, exclude: frozenset[str] | set[str], rng: random.Random
+    pool: ModelPool,
+    route: Route,
+    exclude: frozenset[str] | set[str],
+    now: float,
+    rng: random.Random,
 ) -> DeviceConnection | None:
-    """The least loaded unmeasured device that may take this request, if any."""
+    """The least loaded unmeasured device that may take this request, if any. A device
+    cooling down after a failure is not explored: one that never finishes a job stays
+    unmeasured, and would otherwise keep getting a share of the traffic."""
     unmeasured = pool.unmeasured
     candidates: Iterable[DeviceConnection] = (
         unmeasured if len(unmeasured) <= SCAN_LIMIT else unmeasured.sample(rng, SAMPLE)
@@ -479,6 +485,8 @@ def _explore(
     best_load = 2.0
     for device in candidates:
         if not _usable(device, exclude) or failed_constraint(device, pool, route) != PASS:
+            continue
+        if device.profile.cooldown_until > now:
             continue
         load = len(device.active) / device.slots
         if load < best_load:
@@ -539,7 +547,7 @@ def choose(
     best_pool: ModelPool | None = None
     for pool in pools:
         if explore and pool.unmeasured:
-            device = _explore(pool, route, exclude, rng)
+            device = _explore(pool, route, exclude, now, rng)
             if device is not None:
                 return Picked(device, pool.model, explored=True)
         found = _pick_in_pool(pool, route, exclude, now, rng, per_pool)
