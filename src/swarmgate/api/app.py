@@ -35,7 +35,7 @@ from swarmgate.api.request_ids import RequestIds
 from swarmgate.api.responses import JSONResponse
 from swarmgate.config import GatewaySettings
 from swarmgate.dashboard import pages as dashboard
-from swarmgate.dashboard.web import StaticFiles, Templates
+from swarmgate.dashboard.web import compiled_pages
 from swarmgate.gateway import Gateway
 
 
@@ -86,8 +86,7 @@ def create_app(settings: GatewaySettings | None = None, gateway: Gateway | None 
         workflows,
     ):
         app.include_router(module.router)
-    app.state.dashboard_templates = Templates()
-    app.state.dashboard_static = StaticFiles()
+    app.state.dashboard_templates, app.state.dashboard_static = compiled_pages()
     app.include_router(dashboard.router)
     return app
 

@@ -10,6 +10,7 @@ another site is refused as well.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import secrets
@@ -302,6 +303,13 @@ class StaticFiles:
         if if_none_match == etag:
             return Response(status_code=304, headers=headers)
         return Response(body, media_type=media_type, headers=headers)
+
+
+@functools.cache
+def compiled_pages() -> tuple[Templates, StaticFiles]:
+    """The templates and static files, compiled once per process: they are package data
+    and never change, and every app built in the process (tests build many) shares them."""
+    return Templates(), StaticFiles()
 
 
 def set_session_cookie(response: Response, request: Request, token: str, max_age: int) -> None:
