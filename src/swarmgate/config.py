@@ -50,6 +50,10 @@ class GatewaySettings(BaseSettings):
     heartbeat_timeout_s: float = 20.0
     max_frame_bytes: int = 4_000_000
     warming_retry_after_s: int = 300
+    # Devices whose handshake (token check, profile, hello record) may use the database at
+    # once; the rest wait their turn. Below the connection pool's size, so requests always
+    # find a connection while thousands of devices reconnect.
+    device_handshake_concurrency: int = Field(default=4, ge=1, le=64)
 
     # routing and trust
     # Providers may price each model on their devices within these shares of the catalog's.

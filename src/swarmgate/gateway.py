@@ -158,6 +158,8 @@ class Gateway:
         self.memory = Memory(self.engine, settings, self.catalog, self.registry)
         self.workflows = WorkflowStore(self.engine)
         self.network_status = NetworkStatusCache(self.engine, self.registry, self.catalog)
+        # Device handshakes' database work, a few at a time (api/nodes.py).
+        self.handshakes = asyncio.Semaphore(settings.device_handshake_concurrency)
         self.billing.listeners.append(self._charge_settled)
         self.ready = False
         self._tasks: list[asyncio.Task[None]] = []

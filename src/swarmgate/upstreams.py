@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-import httpx
 import orjson
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -41,8 +40,10 @@ from swarmgate.errors import (
     UpstreamTimeout,
 )
 from swarmgate.protocol import ChatMessage, Delta, Done, SamplingParams, Usage
+from swarmgate.upstream_http import HttpClient, Response, UpstreamHttpError, UpstreamHttpTimeout
 
 log = logging.getLogger("swarmgate.upstreams")
+_MAX_ERROR_BODY = 1024 * 1024  # an error answer is read (to keep its connection) up to this
 
 
 class UpstreamConfig(BaseModel):
@@ -74,7 +75,7 @@ def estimate_prompt_tokens(messages: tuple[ChatMessage, ...]) -> int:
 @dataclass
 class Upstream:
     config: UpstreamConfig
-    client: httpx.AsyncClient
+    client: HttpClient
 
     @property
     def name(self) -> str:
@@ -204,10 +205,8 @@ class Upstreams:
         self.guard = AddressGuard(allow_private=allow_private_urls)
         self._by_name: dict[str, Upstream] = {}
         for config in configs:
-            client = httpx.AsyncClient(
-                base_url=config.base_url.rstrip("/"),
-                timeout=httpx.Timeout(config.timeout_s, connect=min(10.0, config.timeout_s)),
-                limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
+            client = HttpClient(
+                timeout_s=config.timeout_s, connect_timeout_s=min(10.0, config.timeout_s)
             )
             self._by_name[config.name] = Upstream(config, client)
 
@@ -287,7 +286,8 @@ class Upstreams:
         job_id: str,
     ) -> AsyncGenerator[Delta | Done, None]:
         api_key, base_url = (own[0], own[1]) if own is not None else (upstream.config.api_key, None)
-        url = f"{base_url.rstrip('/')}/chat/completions" if base_url else "/chat/completions"
+        root = base_url or upstream.config.base_url
+        url = f"{root.rstrip('/')}/chat/completions"
         body: dict[str, Any] = {
             "model": upstream_model,
             "messages": [{"role": m.role, "content": m.content} for m in messages],
@@ -302,34 +302,40 @@ class Upstreams:
             body["stop"] = params.stop
         if params.seed is not None:
             body["seed"] = params.seed
-        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        extensions: dict[str, Any] = {}
+        headers = {"Content-Type": "application/json", "Accept-Encoding": "identity"}
+        if api_key:
+            headers["Authorization"] = f"Bearer {api_key}"
+        server_hostname: str | None = None
         if base_url:  # a developer's own base URL: only to the public address checked
             pinned = await self.guard.pin(url)
-            url, extensions = pinned.url, pinned.extensions
+            url, server_hostname = pinned.url, pinned.extensions.get("sni_hostname")
             headers["Host"] = pinned.host
         parts: list[str] = []
         usage: dict[str, Any] | None = None
         finish = "stop"
         try:
-            async with upstream.client.stream(
-                "POST", url, json=body, headers=headers, extensions=extensions
+            async with upstream.client.post(
+                url, orjson.dumps(body), headers, server_hostname=server_hostname
             ) as resp:
-                if resp.status_code >= 400:
-                    await resp.aread()
+                if resp.status >= 400:
+                    await resp.read(limit=_MAX_ERROR_BODY)
                     raise _http_error(upstream.name, resp, own is not None)
                 streamed = resp.headers.get("content-type", "").startswith("text/event-stream")
                 if not streamed:
-                    whole, finish, usage = _whole_answer(upstream.name, await resp.aread())
+                    whole, finish, usage = _whole_answer(upstream.name, await resp.read())
                     if whole:
                         parts.append(whole)
                         yield Delta(type="delta", job_id=job_id, text=whole)
-                async for line in resp.aiter_lines() if streamed else _no_lines():
-                    if not line.startswith("data:"):
+                ended = False
+                async for line in resp.lines() if streamed else _no_lines():
+                    # Read to the end of the body even after [DONE]: only a connection
+                    # whose answer was read whole goes back to the pool.
+                    if ended or not line.startswith("data:"):
                         continue
                     data = line[5:].strip()
                     if data == "[DONE]":
-                        break
+                        ended = True
+                        continue
                     chunk = orjson.loads(data)
                     if not isinstance(chunk, dict):
                         continue
@@ -342,11 +348,11 @@ class Upstreams:
                             yield Delta(type="delta", job_id=job_id, text=text)
                         if choice.get("finish_reason"):
                             finish = "length" if choice["finish_reason"] == "length" else "stop"
-        except httpx.TimeoutException as exc:
+        except UpstreamHttpTimeout as exc:
             raise UpstreamTimeout(
                 f"The cloud upstream '{upstream.name}' did not answer in time."
             ) from exc
-        except (httpx.HTTPError, orjson.JSONDecodeError) as exc:
+        except (UpstreamHttpError, orjson.JSONDecodeError) as exc:
             raise UpstreamError(
                 f"The cloud upstream '{upstream.name}' failed: {type(exc).__name__}."
             ) from exc
@@ -396,8 +402,8 @@ def _count(value: object) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) else -1
 
 
-def _http_error(name: str, resp: httpx.Response, byok: bool) -> UpstreamError:
-    status = resp.status_code
+def _http_error(name: str, resp: Response, byok: bool) -> UpstreamError:
+    status = resp.status
     whose = "your vault key" if byok else "the gateway's key"
     if status in (401, 403):
         return UpstreamAuthFailed(

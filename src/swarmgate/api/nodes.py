@@ -95,9 +95,13 @@ async def node_catalog(_device: CurrentDevice, gateway: GatewayDep) -> Response:
 @router.websocket("/v1/nodes/connect")
 async def connect(ws: WebSocket) -> None:
     gateway: Gateway = ws.app.state.gateway
-    principal = await verify_device_token(
-        gateway.engine, parse_bearer(ws.headers.get("authorization"))
-    )
+    # A reconnection storm (a gateway restart, a network blip) brings thousands of devices
+    # at once: their database work takes turns here, so it never drains the connection
+    # pool that requests, readiness checks and the job log need too.
+    async with gateway.handshakes:
+        principal = await verify_device_token(
+            gateway.engine, parse_bearer(ws.headers.get("authorization"))
+        )
     await ws.accept()
     if principal is None:
         await ws.close(CLOSE_UNAUTHORIZED, "missing or invalid device token")
@@ -123,9 +127,11 @@ async def connect(ws: WebSocket) -> None:
 
     accepted = [m.id for m in hello.models if gateway.catalog.accepts_artifact(m.id, m.sha256)]
     rejected = sorted({m.id for m in hello.models} - set(accepted))
-    profile = await gateway.trust.profile_for(
-        principal.device_id, principal.account_id, hello.engine
-    )
+    async with gateway.handshakes:
+        profile = await gateway.trust.profile_for(
+            principal.device_id, principal.account_id, hello.engine
+        )
+        await _record_hello(gateway, principal.device_id, hello)
     device = DeviceConnection(
         device_id=principal.device_id,
         account_id=principal.account_id,
@@ -137,7 +143,6 @@ async def connect(ws: WebSocket) -> None:
         profile=profile,
         contexts=_contexts(hello.models, accepted),
     )
-    await _record_hello(gateway, principal.device_id, hello)
     welcome = Welcome(
         device_id=principal.device_id,
         heartbeat_interval_s=gateway.settings.heartbeat_interval_s,
