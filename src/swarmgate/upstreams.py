@@ -96,6 +96,9 @@ class CloudRun:
     """One request's run across upstreams (mirrors a device Execution's record)."""
 
     model: CatalogModel
+    # Whether the client streams: one that does not gets a whole answer from the upstream
+    # too, which is one JSON document to read instead of a frame per token.
+    streamed: bool = True
     attempts: list[CloudAttempt] = field(default_factory=list)
     upstream: str | None = None
     byok: bool = False
@@ -251,7 +254,13 @@ class Upstreams:
             delivered = False
             try:
                 async for event in self._call(
-                    upstream, upstream_model, own, messages, params, job_id
+                    upstream,
+                    upstream_model,
+                    own,
+                    messages,
+                    params,
+                    job_id,
+                    stream=upstream.config.stream and run.streamed,
                 ):
                     if isinstance(event, Delta):
                         delivered = True
@@ -284,6 +293,8 @@ class Upstreams:
         messages: tuple[ChatMessage, ...],
         params: SamplingParams,
         job_id: str,
+        *,
+        stream: bool,
     ) -> AsyncGenerator[Delta | Done, None]:
         api_key, base_url = (own[0], own[1]) if own is not None else (upstream.config.api_key, None)
         root = base_url or upstream.config.base_url
@@ -294,9 +305,9 @@ class Upstreams:
             "max_tokens": params.max_tokens,
             "temperature": params.temperature,
             "top_p": params.top_p,
-            "stream": upstream.config.stream,
+            "stream": stream,
         }
-        if upstream.config.stream:
+        if stream:
             body["stream_options"] = {"include_usage": True}
         if params.stop:
             body["stop"] = params.stop

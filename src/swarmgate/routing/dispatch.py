@@ -408,7 +408,7 @@ class Execution:
     async def _cloud_events(self) -> AsyncGenerator[Delta | Done, None]:
         cloud = self.cloud
         assert cloud is not None
-        run = CloudRun(cloud.model)
+        run = CloudRun(cloud.model, streamed=self.spec.stream)
         self.cloud_run = run
         started = datetime.now(UTC)
         base = len(self.attempts)
