@@ -23,6 +23,7 @@ PROTOCOL_VERSION = 1
 # WebSocket close codes (4000-4999 are free for applications).
 CLOSE_NORMAL = 1000
 CLOSE_GOING_AWAY = 1001
+CLOSE_TRY_AGAIN_LATER = 1013  # the gateway is busy with other devices' handshakes
 CLOSE_BAD_FRAME = 4000  # not JSON, unknown type, or failed validation
 CLOSE_UNAUTHORIZED = 4001  # missing or wrong device token
 CLOSE_UNSUPPORTED_VERSION = 4002

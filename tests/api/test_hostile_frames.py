@@ -69,8 +69,12 @@ async def exchange(
             except ConnectionClosed:
                 break
             if number == 0 and frame is HELLO:
-                # Wait for the welcome, so later frames surely arrive after the hello.
-                received.append(await _recv(ws))
+                # Wait for the welcome, so later frames surely arrive after the hello. A
+                # refusal (a bad token) may come instead, before or after the hello.
+                try:
+                    received.append(await _recv(ws))
+                except ConnectionClosed:
+                    break
         try:
             async with asyncio.timeout(5):
                 while True:

@@ -25,6 +25,7 @@ from swarmgate.protocol import (
     CLOSE_GOING_AWAY,
     CLOSE_OUT_OF_ORDER,
     CLOSE_REPLACED,
+    CLOSE_TRY_AGAIN_LATER,
     CLOSE_UNAUTHORIZED,
     CLOSE_UNSUPPORTED_VERSION,
     PROTOCOL_VERSION,
@@ -47,6 +48,7 @@ router = APIRouter(tags=["nodes"])
 log = logging.getLogger("swarmgate.nodes")
 
 HELLO_TIMEOUT_S = 10.0
+HANDSHAKE_WAIT_S = 5.0  # the longest a handshake waits for its turn at the database
 # A close frame's payload is at most 125 bytes: a 2-byte code and 123 bytes of UTF-8 reason.
 MAX_CLOSE_REASON_BYTES = 123
 
@@ -92,17 +94,37 @@ async def node_catalog(_device: CurrentDevice, gateway: GatewayDep) -> Response:
     return json_response({"object": "list", "data": gateway.node_catalog})
 
 
+async def _take_turn(ws: WebSocket, gateway: Gateway) -> bool:
+    """Waits for a turn at the database for this handshake; False (and the connection
+    closed with 1013, try again later) if none came within ``HANDSHAKE_WAIT_S``.
+
+    A reconnection storm (a gateway restart, a network blip) brings thousands of devices
+    at once. Their database work takes a few turns at a time, so it never drains the
+    connection pool that requests, readiness checks and the job log need; and a device
+    that would wait longer is sent away to back off and come again, so the waiting line —
+    and the memory it holds — stays short however many devices knock."""
+    try:
+        async with asyncio.timeout(HANDSHAKE_WAIT_S):
+            await gateway.handshakes.acquire()
+    except TimeoutError:
+        with contextlib.suppress(Exception):
+            await ws.close(CLOSE_TRY_AGAIN_LATER, "the gateway is busy; try again shortly")
+        return False
+    return True
+
+
 @router.websocket("/v1/nodes/connect")
 async def connect(ws: WebSocket) -> None:
     gateway: Gateway = ws.app.state.gateway
-    # A reconnection storm (a gateway restart, a network blip) brings thousands of devices
-    # at once: their database work takes turns here, so it never drains the connection
-    # pool that requests, readiness checks and the job log need too.
-    async with gateway.handshakes:
+    await ws.accept()
+    if not await _take_turn(ws, gateway):
+        return
+    try:
         principal = await verify_device_token(
             gateway.engine, parse_bearer(ws.headers.get("authorization"))
         )
-    await ws.accept()
+    finally:
+        gateway.handshakes.release()
     if principal is None:
         await ws.close(CLOSE_UNAUTHORIZED, "missing or invalid device token")
         return
@@ -127,11 +149,15 @@ async def connect(ws: WebSocket) -> None:
 
     accepted = [m.id for m in hello.models if gateway.catalog.accepts_artifact(m.id, m.sha256)]
     rejected = sorted({m.id for m in hello.models} - set(accepted))
-    async with gateway.handshakes:
+    if not await _take_turn(ws, gateway):
+        return
+    try:
         profile = await gateway.trust.profile_for(
             principal.device_id, principal.account_id, hello.engine
         )
         await _record_hello(gateway, principal.device_id, hello)
+    finally:
+        gateway.handshakes.release()
     device = DeviceConnection(
         device_id=principal.device_id,
         account_id=principal.account_id,
