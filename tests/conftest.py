@@ -232,6 +232,17 @@ def swarmgate_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "swarmgate.cli", *args]
 
 
+def stop_process(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, then SIGKILL if it has not stopped within 10 s."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(5)
+
+
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(  # noqa: S603 - our own CLI, fixed arguments
         swarmgate_cmd(*args),

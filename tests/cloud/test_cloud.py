@@ -363,3 +363,33 @@ async def test_a_vault_base_url_is_called_at_the_address_that_was_checked(
                 assert beta.requests[-1]["auth"] == f"Bearer {GOOD_KEY}"
         finally:
             await stop_gateway(live)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_every_cloud_answer_under_load_is_charged_once(
+    cloud: LiveGateway, upstreams: tuple[MockUpstream, MockUpstream], stream: bool
+) -> None:
+    _account, key = await cloud.developer_key()
+    answered: list[str] = []
+
+    async def worker(client: Any) -> None:
+        for _ in range(25):
+            response = await client.post(
+                "/v1/chat/completions", json=chat("cloud-good", stream=stream)
+            )
+            assert response.status_code == 200, response.text
+            if stream:
+                events = sse(response.text)
+                assert events[-1] == "[DONE]"
+                answered.append(events[0]["id"])
+            else:
+                answered.append(response.json()["id"])
+
+    async with cloud.client(key) as client:
+        await asyncio.gather(*(worker(client) for _ in range(16)))
+    await cloud.gateway.billing.writer.posted()
+    async with cloud.gateway.engine.connect() as db:
+        charged = [row.job_id for row in await db.execute(select(charges.c.job_id))]
+    assert len(answered) == 400
+    assert sorted(charged) == sorted(answered)
+    assert len(upstreams[0].requests) == 400

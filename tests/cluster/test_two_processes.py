@@ -33,7 +33,7 @@ from swarmgate.store.db import create_engine, migrate
 from swarmgate.store.tables import balances, charges, holds
 from tests.billing.test_ledger_properties import check_ledger
 from tests.cluster.conftest import REDIS_URL
-from tests.conftest import ADMIN_TOKEN, MODEL, free_port, swarmgate_cmd, wait_http
+from tests.conftest import ADMIN_TOKEN, MODEL, free_port, stop_process, swarmgate_cmd, wait_http
 
 CREDIT = 50_000_000
 
@@ -68,13 +68,7 @@ def gateway_process(
     try:
         yield process
     finally:
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(5)
+        stop_process(process)
         log.close()
 
 

@@ -35,7 +35,14 @@ from schemathesis.config import SchemathesisConfig
 from swarmgate.api.app import create_app
 from swarmgate.config import GatewaySettings
 from tests.billing.test_stripe import SECRET_KEY, WEBHOOK_SECRET, StripeStandIn
-from tests.conftest import ADMIN_TOKEN, MODEL, free_port, swarmgate_cmd, wait_http
+from tests.conftest import (
+    ADMIN_TOKEN,
+    MODEL,
+    free_port,
+    stop_process,
+    swarmgate_cmd,
+    wait_http,
+)
 from tests.trust.test_attestation import CERT, PACKAGE, FakePlayIntegrity
 
 CHECKS = (
@@ -47,16 +54,6 @@ CHECKS = (
     negative_data_rejection,
 )
 EXAMPLES = int(os.environ.get("SWARMGATE_FUZZ_EXAMPLES", "40"))
-
-
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(5)
 
 
 @pytest.fixture(scope="module")
@@ -121,8 +118,8 @@ def gateway_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, 
         yield {"base": base, "key": key["key"], "device": device["token"]}
     finally:
         if node is not None:
-            _stop(node)
-        _stop(gateway)
+            stop_process(node)
+        stop_process(gateway)
         log.close()
         stripe.close()
 
