@@ -333,3 +333,16 @@ def test_usd_to_micros(amount: str, micros: int) -> None:
 def test_usd_to_micros_refuses(amount: str) -> None:
     with pytest.raises(RequestError):
         usd_to_micros(Decimal(amount))
+
+
+async def test_a_blank_body_is_not_an_empty_one(live: LiveGateway) -> None:
+    """No body at all takes the defaults; a body that is only whitespace is not JSON."""
+    _account, key = await live.developer_key()
+    async with live.client(key) as client:
+        blank = await client.post(
+            "/v1/keys", content=b"\r\n", headers={"Content-Type": "application/json"}
+        )
+        assert blank.status_code == 400
+        assert blank.json()["error"]["code"] == "INVALID_REQUEST"
+        none = await client.post("/v1/keys")
+        assert none.status_code == 201

@@ -8,6 +8,7 @@ must be refused with a 4xx.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -149,12 +150,8 @@ def credentials(path: str, urls: dict[str, str]) -> dict[str, str]:
     return {"Authorization": f"Bearer {urls['key']}"}
 
 
-@pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE])
-@pytest.mark.parametrize("label", sorted(OPERATIONS))
-def test_every_operation_keeps_its_contract(
-    label: str, mode: GenerationMode, gateway_url: dict[str, str]
-) -> None:
-    operation = OPERATIONS[label]
+def fuzz(operation: Any, mode: GenerationMode, urls: dict[str, str]) -> None:
+    """Calls ``operation`` with examples of ``mode`` and checks every answer."""
 
     @given(case=operation.as_strategy(generation_mode=mode))
     @settings(
@@ -165,17 +162,20 @@ def test_every_operation_keeps_its_contract(
         derandomize=True,
     )
     def call(case: Any) -> None:
-        headers = {**(case.headers or {}), **credentials(case.path, gateway_url)}
-        case.call_and_validate(
-            base_url=gateway_url["base"], headers=headers, checks=CHECKS, timeout=30
-        )
+        headers = {**(case.headers or {}), **credentials(case.path, urls)}
+        case.call_and_validate(base_url=urls["base"], headers=headers, checks=CHECKS, timeout=30)
 
-    try:
-        call()
-    except Unsatisfiable:
-        if mode is GenerationMode.POSITIVE:
-            raise
-        pytest.skip("the schema leaves nothing to make invalid here")
+    call()
+
+
+@pytest.mark.parametrize("label", sorted(OPERATIONS))
+def test_every_operation_keeps_its_contract(label: str, gateway_url: dict[str, str]) -> None:
+    operation = OPERATIONS[label]
+    fuzz(operation, GenerationMode.POSITIVE, gateway_url)
+    # Then data the schema forbids, where the schema forbids anything: an operation with
+    # no parameters and no body (or only free-form strings) leaves nothing to break.
+    with contextlib.suppress(Unsatisfiable):
+        fuzz(operation, GenerationMode.NEGATIVE, gateway_url)
 
 
 def test_the_document_covers_every_route(gateway_url: dict[str, str]) -> None:

@@ -141,7 +141,7 @@ async def create_key(
     request: Request, principal: CurrentPrincipal, gateway: GatewayDep
 ) -> Response:
     raw = await read_body(request, gateway.settings.max_body_bytes)
-    body = parse_body(NewKey, raw) if raw.strip() else NewKey()
+    body = parse_body(NewKey, raw) if raw else NewKey()
     _may_manage(principal, body.mode)
     _check_models(gateway, body.allowed_models)
     settings = KeySettings(
@@ -215,7 +215,7 @@ async def rotate_key(
     key_id: str, request: Request, principal: CurrentPrincipal, gateway: GatewayDep
 ) -> Response:
     raw = await read_body(request, gateway.settings.max_body_bytes)
-    body = parse_body(Rotate, raw) if raw.strip() else Rotate()
+    body = parse_body(Rotate, raw) if raw else Rotate()
     await _owned_key(gateway, principal, key_id)
     rotation = await service.rotate_api_key(
         gateway.engine, principal.account_id, key_id, grace_s=body.grace_seconds

@@ -269,7 +269,7 @@ async def node_earnings(device: CurrentDevice, gateway: GatewayDep) -> Response:
 # -- admin -------------------------------------------------------------------------------
 async def _note(request: Request) -> str | None:
     raw = await read_body(request, _MAX_BODY)
-    return parse_body(PayoutDecisionBody, raw).note if raw.strip() else None
+    return parse_body(PayoutDecisionBody, raw).note if raw else None
 
 
 @router.get("/admin/payouts", tags=["admin"], dependencies=[AdminDep], response_model=None)

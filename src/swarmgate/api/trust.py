@@ -255,6 +255,6 @@ async def admin_clear_device(device_id: str, gateway: GatewayDep) -> Response:
 )
 async def admin_verify_device(device_id: str, request: Request, gateway: GatewayDep) -> Response:
     raw = await read_body(request, _MAX_BODY)
-    body = parse_body(VerifyBody, raw) if raw.strip() else VerifyBody()
+    body = parse_body(VerifyBody, raw) if raw else VerifyBody()
     profile = await gateway.trust.mark_verified(device_id, "admin", body.verified)
     return json_response(describe_trust(gateway, profile))
