@@ -19,7 +19,7 @@ from swarmgate.accounts import service
 from swarmgate.accounts.keys import KeyMode, KeySettings, Principal, utcnow
 from swarmgate.api.deps import CurrentPrincipal, GatewayDep, read_body
 from swarmgate.api.responses import json_response
-from swarmgate.api.schemas import body_schema, parse_body
+from swarmgate.api.schemas import body_schema, parse_body, parse_optional_body
 from swarmgate.billing.pricing import MAX_AMOUNT_MICROS
 from swarmgate.errors import Forbidden, RequestError
 from swarmgate.gateway import Gateway
@@ -141,7 +141,7 @@ async def create_key(
     request: Request, principal: CurrentPrincipal, gateway: GatewayDep
 ) -> Response:
     raw = await read_body(request, gateway.settings.max_body_bytes)
-    body = parse_body(NewKey, raw) if raw else NewKey()
+    body = parse_optional_body(NewKey, raw)
     _may_manage(principal, body.mode)
     _check_models(gateway, body.allowed_models)
     settings = KeySettings(
@@ -215,7 +215,7 @@ async def rotate_key(
     key_id: str, request: Request, principal: CurrentPrincipal, gateway: GatewayDep
 ) -> Response:
     raw = await read_body(request, gateway.settings.max_body_bytes)
-    body = parse_body(Rotate, raw) if raw else Rotate()
+    body = parse_optional_body(Rotate, raw)
     await _owned_key(gateway, principal, key_id)
     rotation = await service.rotate_api_key(
         gateway.engine, principal.account_id, key_id, grace_s=body.grace_seconds

@@ -20,7 +20,7 @@ from starlette.responses import Response
 from swarmgate.accounts.keys import Principal, utcnow
 from swarmgate.api.deps import AdminDep, CurrentDevice, CurrentPrincipal, GatewayDep, read_body
 from swarmgate.api.responses import json_response
-from swarmgate.api.schemas import parse_body
+from swarmgate.api.schemas import parse_body, parse_optional_body
 from swarmgate.billing.earnings import (
     MAX_REPORT_DAYS,
     DeviceReport,
@@ -269,7 +269,7 @@ async def node_earnings(device: CurrentDevice, gateway: GatewayDep) -> Response:
 # -- admin -------------------------------------------------------------------------------
 async def _note(request: Request) -> str | None:
     raw = await read_body(request, _MAX_BODY)
-    return parse_body(PayoutDecisionBody, raw).note if raw else None
+    return parse_optional_body(PayoutDecisionBody, raw).note
 
 
 @router.get("/admin/payouts", tags=["admin"], dependencies=[AdminDep], response_model=None)

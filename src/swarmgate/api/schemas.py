@@ -288,6 +288,12 @@ def _param_of(loc: tuple[int | str, ...]) -> str | None:
     return path or None
 
 
+def parse_optional_body(model: type[ModelT], body: bytes) -> ModelT:
+    """For endpoints whose body may be left out: no body at all takes the model's
+    defaults; anything sent, whitespace alone included, must be a valid JSON object."""
+    return parse_body(model, body) if body else model()
+
+
 def parse_body(model: type[ModelT], body: bytes) -> ModelT:
     """Validates a JSON body; any problem becomes a 400 that names the offending param."""
     if not body.strip():

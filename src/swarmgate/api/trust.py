@@ -12,7 +12,7 @@ from starlette.responses import Response
 
 from swarmgate.api.deps import AdminDep, CurrentDevice, CurrentPrincipal, GatewayDep, read_body
 from swarmgate.api.responses import json_response
-from swarmgate.api.schemas import parse_body
+from swarmgate.api.schemas import parse_body, parse_optional_body
 from swarmgate.catalog import Pricing
 from swarmgate.errors import (
     AttestationFailed,
@@ -255,6 +255,6 @@ async def admin_clear_device(device_id: str, gateway: GatewayDep) -> Response:
 )
 async def admin_verify_device(device_id: str, request: Request, gateway: GatewayDep) -> Response:
     raw = await read_body(request, _MAX_BODY)
-    body = parse_body(VerifyBody, raw) if raw else VerifyBody()
+    body = parse_optional_body(VerifyBody, raw)
     profile = await gateway.trust.mark_verified(device_id, "admin", body.verified)
     return json_response(describe_trust(gateway, profile))
