@@ -52,7 +52,11 @@ def apply(names: list[str]) -> Any:
     served: Any
     if hasattr(app_module, "create_asgi_app"):
         served = app_module.create_asgi_app(settings)
-        app, gateway = served.app, served.gateway
+        # The FastAPI app sits under a chain of ASGI wrappers; one of them holds the gateway.
+        layer = served
+        while not hasattr(layer, "gateway"):
+            layer = layer.app
+        app, gateway = layer.app, layer.gateway
     else:  # older trees: the FastAPI app is what the server runs
         served = app = app_module.create_app(settings)
         gateway = app.state.gateway
@@ -68,7 +72,7 @@ def apply(names: list[str]) -> Any:
     if "joblog-isoformat" in names:
         from swarmgate.routing import joblog
 
-        joblog._sqlite_value = _sqlite_value_isoformat  # type: ignore[attr-defined]
+        joblog.sqlite_value = _sqlite_value_isoformat
 
     if "no-joblog" in names:
         gateway.job_log.record = lambda *_a, **_k: None

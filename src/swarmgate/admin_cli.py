@@ -176,12 +176,18 @@ async def _accounts_list(engine: Any, _args: argparse.Namespace) -> dict[str, An
 
 
 async def _accounts_top_up(engine: Any, args: argparse.Namespace) -> dict[str, Any]:
-    # Straight into the ledger: a running gateway re-reads the balance before it
-    # refuses a request for want of credit, so it never acts on the stale amount.
+    # Embedded: straight into the ledger; a running gateway re-reads the balance before
+    # it refuses a request for want of credit, so it never acts on the stale amount.
+    # Scaled out: announced to the account's wallet in Redis first and applied there
+    # after, as the gateways do (a busy account's wallet is never re-read).
     ledger = Ledger(engine)
-    transaction_id = await ledger.top_up(
-        args.account, args.usd, "admin", sandbox=args.sandbox, memo=args.memo
-    )
+    settings: GatewaySettings = args.settings
+    if settings.redis_url:
+        transaction_id = await _top_up_shared(ledger, settings, args)
+    else:
+        transaction_id = await ledger.top_up(
+            args.account, args.usd, "admin", sandbox=args.sandbox, memo=args.memo
+        )
     balance = await ledger.balance(args.account, sandbox=args.sandbox)
     return {
         "object": "top_up",
@@ -192,6 +198,26 @@ async def _accounts_top_up(engine: Any, args: argparse.Namespace) -> dict[str, A
         "available_micros": balance.available_micros,
         "held_micros": balance.held_micros,
     }
+
+
+async def _top_up_shared(
+    ledger: Ledger, settings: GatewaySettings, args: argparse.Namespace
+) -> str:
+    from redis.asyncio import Redis
+
+    from swarmgate.cluster.keys import ClusterKeys
+    from swarmgate.cluster.wallets import RedisWallets, announced_credit, reservation_ttl_s
+
+    redis = Redis.from_url(settings.redis_url)
+    try:
+        wallets = RedisWallets(
+            redis, ClusterKeys(settings.redis_prefix), entry_ttl_s=reservation_ttl_s(settings)
+        )
+        return await announced_credit(
+            wallets, ledger, args.account, args.usd, "admin", sandbox=args.sandbox, memo=args.memo
+        )
+    finally:
+        await redis.aclose()
 
 
 async def _keys_list(engine: Any, args: argparse.Namespace) -> dict[str, Any]:

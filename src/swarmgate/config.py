@@ -101,6 +101,10 @@ class GatewaySettings(BaseSettings):
     redis_url: str = ""
     # Every Redis key this gateway writes starts with this (two networks can share a Redis).
     redis_prefix: str = Field(default="sg:", min_length=1, max_length=40)
+    # Connections to Redis a gateway opens for commands (besides its pub/sub and publishing
+    # connections); a command waits for a free one, at most ``redis_pool_wait_s``.
+    redis_max_connections: int = Field(default=32, ge=2, le=10_000)
+    redis_pool_wait_s: float = Field(default=5.0, gt=0)
     # This gateway's name among its peers; empty: a random one at each start.
     gateway_id: str = Field(default="", max_length=40, pattern=r"^[A-Za-z0-9_.-]*$")
     # A gateway that has not refreshed its liveness key for this long is taken for dead:

@@ -12,6 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 if TYPE_CHECKING:
     from swarmgate.cluster.mesh import Mesh
+    from swarmgate.cluster.wallets import RedisWallets
     from swarmgate.trust.attestation import NonceBook, Verifier
 
 from swarmgate.accounts.jwt_auth import JwtVerifier
@@ -87,28 +88,26 @@ class Gateway:
         )
         self.metrics = Metrics()
         self.job_log = JobLog(self.engine, settings.job_log_flush_ms / 1000, self.metrics)
-        self.billing = Billing(
-            self.engine,
-            provider_share_bps=settings.provider_share_bps,
-            hold_ttl_s=settings.hold_ttl_s,
-            batch_max=settings.settle_batch_max,
-            enabled=settings.billing_enabled,
-            shared=bool(settings.redis_url),
-        )
         self.limiter: Limiter = RateLimiter()
         self.idempotency: Idempotency = IdempotencyStore(
             self.engine,
             ttl_s=settings.idempotency_ttl_s,
             takeover_after_s=settings.request_timeout_s,
         )
-        # Scaled out: presence, cross-gateway dispatch, limits and idempotency in Redis.
+        # Scaled out: presence, cross-gateway dispatch, credit reservations, limits and
+        # idempotency in Redis.
         self.mesh: Mesh | None = None
+        wallets: RedisWallets | None = None
         if settings.redis_url:
             from swarmgate.cluster.idempotency import RedisIdempotencyStore
             from swarmgate.cluster.limits import RedisRateLimiter
             from swarmgate.cluster.mesh import Mesh
+            from swarmgate.cluster.wallets import RedisWallets, reservation_ttl_s
 
             self.mesh = Mesh(settings, self.registry, self.trust.profile_for)
+            wallets = RedisWallets(
+                self.mesh.redis, self.mesh.keys, entry_ttl_s=reservation_ttl_s(settings)
+            )
             self.limiter = RedisRateLimiter(self.mesh.redis, self.mesh.keys)
             self.idempotency = RedisIdempotencyStore(
                 self.mesh.redis,
@@ -116,6 +115,14 @@ class Gateway:
                 ttl_s=settings.idempotency_ttl_s,
                 takeover_after_s=settings.request_timeout_s,
             )
+        self.billing = Billing(
+            self.engine,
+            provider_share_bps=settings.provider_share_bps,
+            hold_ttl_s=settings.hold_ttl_s,
+            batch_max=settings.settle_batch_max,
+            enabled=settings.billing_enabled,
+            wallets=wallets,
+        )
         self.background = BackgroundJobs(
             self.engine,
             self.execution,

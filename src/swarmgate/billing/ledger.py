@@ -75,7 +75,7 @@ SANDBOX_USAGE = "sandbox:usage"
 EXTERNAL_PREFIX = "external:"
 
 WELCOME_SOURCE = "welcome"  # the credit granted when an account is created
-_EXPIRE_BATCH = 500
+EXPIRE_BATCH = 500
 
 
 # -- books ------------------------------------------------------------------------------
@@ -181,6 +181,13 @@ def payout_postings(provider_account_id: str, amount: int) -> list[Posting]:
 class Balance(NamedTuple):
     available_micros: int
     held_micros: int
+
+
+class DueHold(NamedTuple):
+    id: str
+    account_id: str
+    sandbox: bool
+    amount_micros: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -318,14 +325,39 @@ async def post_top_up(
     With an ``external_id`` it is idempotent: the same (source, external_id) posts once
     and later calls return the first transaction's id.
     """
+    transaction_id, _posted = await _post_credit(
+        conn,
+        account_id=account_id,
+        amount_micros=amount_micros,
+        source=source,
+        external_id=external_id,
+        sandbox=sandbox,
+        memo=memo,
+        now=now,
+    )
+    return transaction_id
+
+
+async def _post_credit(
+    conn: AsyncConnection,
+    *,
+    account_id: str,
+    amount_micros: int,
+    source: str,
+    external_id: str | None,
+    sandbox: bool,
+    memo: str | None,
+    now: datetime | None,
+) -> tuple[str, bool]:
+    """``post_top_up``, also saying whether it posted (False: a replay of an earlier one)."""
     require_micros(amount_micros)
     await _require_account(conn, account_id)
     if external_id is not None:
         credited = Posting(developer_book(account_id, sandbox=sandbox), amount_micros)
         replayed = await _replayed_top_up(conn, source, external_id, account_id, credited)
         if replayed is not None:
-            return replayed
-    return await _post(
+            return replayed, False
+    transaction_id = await _post(
         conn,
         kind="top_up",
         account_id=account_id,
@@ -335,6 +367,7 @@ async def post_top_up(
         external_id=external_id,
         memo=memo,
     )
+    return transaction_id, True
 
 
 # PostgreSQL: a request's hold in one statement (one round trip, prepared once per
@@ -398,10 +431,26 @@ class Ledger:
         memo: str | None = None,
     ) -> str:
         """Credits a developer from outside (a payment, an admin grant); returns the txn id."""
+        transaction_id, _posted = await self.credit(
+            account_id, amount_micros, source, external_id, sandbox=sandbox, memo=memo
+        )
+        return transaction_id
+
+    async def credit(
+        self,
+        account_id: str,
+        amount_micros: int,
+        source: str,
+        external_id: str | None = None,
+        *,
+        sandbox: bool = False,
+        memo: str | None = None,
+    ) -> tuple[str, bool]:
+        """``top_up``, also saying whether this call posted it (False: a replay)."""
         require_micros(amount_micros)
         try:
             async with self.writing() as conn:
-                return await post_top_up(
+                return await _post_credit(
                     conn,
                     account_id=account_id,
                     amount_micros=amount_micros,
@@ -420,7 +469,7 @@ class Ledger:
                 replayed = await _replayed_top_up(conn, source, external_id, account_id, credited)
             if replayed is None:
                 raise
-            return replayed
+            return replayed, False
 
     async def hold(
         self,
@@ -607,20 +656,28 @@ class Ledger:
         """
         now = self._now(now)
         expired = 0
-        scan = (
-            select(holds.c.id)
-            .where(holds.c.status == "open", holds.c.expires_at <= now)
-            .order_by(holds.c.expires_at)
-            .limit(_EXPIRE_BATCH)
-        )
         while True:
-            async with self._engine.connect() as conn:
-                due = (await conn.scalars(scan)).all()
-            for hold_id in due:
-                if await self._release(hold_id, "expired", "expire", now):
-                    expired += 1
-            if len(due) < _EXPIRE_BATCH:
+            due = await self.due_holds(now)
+            for hold in due:
+                expired += await self.expire_hold(hold.id, now)
+            if len(due) < EXPIRE_BATCH:
                 return expired
+
+    async def due_holds(self, now: datetime | None = None) -> list[DueHold]:
+        """Up to ``EXPIRE_BATCH`` open holds whose expiry has passed, oldest first."""
+        scan = (
+            select(holds.c.id, holds.c.account_id, holds.c.sandbox, holds.c.amount_micros)
+            .where(holds.c.status == "open", holds.c.expires_at <= self._now(now))
+            .order_by(holds.c.expires_at)
+            .limit(EXPIRE_BATCH)
+        )
+        async with self._engine.connect() as conn:
+            rows = (await conn.execute(scan)).all()
+        return [DueHold(r.id, r.account_id, bool(r.sandbox), int(r.amount_micros)) for r in rows]
+
+    async def expire_hold(self, hold_id: str, now: datetime | None = None) -> bool:
+        """Releases one expired hold; False if it was resolved in the meantime."""
+        return await self._release(hold_id, "expired", "expire", self._now(now))
 
     async def payout(
         self, provider_account_id: str, amount_micros: int, *, memo: str | None = None

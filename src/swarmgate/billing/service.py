@@ -11,6 +11,9 @@ the gateway. A failed, timed-out or cancelled job voids its hold: nothing is cha
 Synchronous requests reserve their credit in memory (``billing/wallets.py``) and their
 charges are written in batches (``billing/settlement.py``). Queued asynchronous jobs,
 which outlive a request and a gateway restart, hold their credit in the ledger itself.
+Scaled out, the reservations are in Redis instead (``cluster/wallets.py``), shared by
+every gateway, and every change this class makes to a developer book is announced there
+before it is written and applied there after it is committed.
 
 Every change to a developer's balance made while the gateway runs goes through this
 class, so its in-memory view stays exact; anything else (the admin CLI) is picked up
@@ -26,12 +29,20 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import TypeVar
 
+from redis.exceptions import RedisError
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from swarmgate.accounts.keys import Principal, utcnow
-from swarmgate.billing.ledger import Balance, Ledger, developer_book, holds_book
+from swarmgate.accounts.keys import Principal, new_id, utcnow
+from swarmgate.billing.ledger import (
+    EXPIRE_BATCH,
+    Balance,
+    Ledger,
+    developer_book,
+    holds_book,
+)
 from swarmgate.billing.pricing import job_cost_micros, max_cost_micros, split_earnings
 from swarmgate.billing.settlement import (
     ChargeRefused,
@@ -42,10 +53,12 @@ from swarmgate.billing.settlement import (
 )
 from swarmgate.billing.wallets import KeySpend, Wallet
 from swarmgate.catalog import Pricing
+from swarmgate.cluster.wallets import RedisWallets, WalletUnavailable, announced_credit
 from swarmgate.errors import BillingUnavailable, InsufficientCredits, SpendCapReached
 from swarmgate.store.tables import charges, holds
 
 log = logging.getLogger("swarmgate.billing")
+_T = TypeVar("_T")
 
 # Chat templates add a few tokens around every message and before the answer.
 _TOKENS_PER_MESSAGE = 8
@@ -76,13 +89,36 @@ class RequestHold:
     pricing: Pricing
     amount_micros: int
     job_id: str
-    wallet: Wallet
+    wallet: Wallet | None  # None: the credit is reserved in Redis (scaled out)
     spend: KeySpend | None
     created: float = field(default_factory=time.monotonic)
     ledger_hold_id: str | None = None  # asynchronous jobs: the hold is in the ledger
     resolved: bool = False
-    # Scaled out, a request's own hold is in the ledger too; voiding it gives it back there.
-    void_in_ledger: bool = False
+
+
+def moved_by(charge: PendingCharge) -> int:
+    """What a committed charge moved in its developer book: a charge against a ledger hold
+    gives the hold back and spends the charge; any other only spends."""
+    held = charge.held_micros if charge.hold_id is not None else 0
+    return held - charge.charged_micros
+
+
+@dataclass(slots=True)
+class _SharedSettlement:
+    """A settlement's parts as the writer commits them, for the shared wallet."""
+
+    entry: str
+    parts_left: int
+    moved: int = 0  # what the committed parts moved in the developer book
+    committed: list[PendingCharge] = field(default_factory=list)
+
+    def written(self, pending: PendingCharge, ok: bool) -> bool:
+        """Counts one part; True once every part is done."""
+        if ok:
+            self.moved += moved_by(pending)
+            self.committed.append(pending)
+        self.parts_left -= 1
+        return self.parts_left == 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,14 +152,13 @@ class Billing:
         hold_ttl_s: float = 3_600.0,
         batch_max: int = 512,
         enabled: bool = True,
-        shared: bool = False,
+        wallets: RedisWallets | None = None,
     ) -> None:
         self._engine = engine
         # Several gateways share the database: a wallet in this process cannot see what
-        # the others reserve, so every hold is a row-locked ledger hold (the wallet is then
-        # only a first check) and a void gives the credit back in the ledger.
-        self.shared = shared
-        self._voiding: set[asyncio.Task[None]] = set()
+        # the others reserve, so the wallets are in Redis.
+        self.wallets = wallets
+        self._applying: set[asyncio.Task[None]] = set()
         self.ledger = Ledger(engine)
         self._share_bps = provider_share_bps
         self._hold_ttl_s = hold_ttl_s
@@ -186,9 +221,75 @@ class Billing:
 
     async def balance(self, account_id: str, *, sandbox: bool = False) -> Balance:
         """Available credit (less what running requests may still cost) and held credit."""
-        wallet = await self._wallet(account_id, sandbox)
         held_in_ledger = await self._read_book(holds_book(account_id, sandbox=sandbox))
+        if self.wallets is not None:
+            book, held = await self._shared(
+                self.wallets.read(account_id, sandbox, self._book_reader(account_id, sandbox))
+            )
+            return Balance(max(0, book - held), held_in_ledger + held)
+        wallet = await self._wallet(account_id, sandbox)
         return Balance(max(0, wallet.available), held_in_ledger + wallet.reserved)
+
+    # -- scaled out: the wallets in Redis -------------------------------------------------
+    def _book_reader(self, account_id: str, sandbox: bool) -> Callable[[], Awaitable[int]]:
+        return functools.partial(self._read_book, developer_book(account_id, sandbox=sandbox))
+
+    @staticmethod
+    async def _shared(call: Awaitable[_T]) -> _T:
+        """A call to the shared wallets on the request path: Redis unreachable, or a wallet
+        that cannot be loaded now, is a 503 (nothing reserved, nothing charged)."""
+        try:
+            return await call
+        except (RedisError, OSError, WalletUnavailable) as exc:
+            log.warning("the shared wallets failed: %s", type(exc).__name__)
+            raise BillingUnavailable(
+                "Credit cannot be checked right now; nothing was charged. Retry the request."
+            ) from exc
+
+    async def _announce(self, account_id: str, sandbox: bool) -> str:
+        """Opens a wallet entry before a credit to a developer book is written."""
+        assert self.wallets is not None
+        entry = new_id("mark")
+        await self._shared(self.wallets.mark(account_id, sandbox, entry))
+        return entry
+
+    async def _apply(self, account_id: str, sandbox: bool, entry: str, moved: int) -> int | None:
+        """Closes a wallet entry with what the ledger committed to the book; the credit
+        then available (None: not known). If Redis fails here, the entry expires and the
+        wallet is exact again at its next load."""
+        assert self.wallets is not None
+        try:
+            return await self.wallets.resolve(account_id, sandbox, entry, moved)
+        except Exception as exc:
+            log.warning(
+                "applying a committed change to a shared wallet failed: %s",
+                type(exc).__name__,
+                extra={"job_id": entry},
+            )
+            return None
+
+    def _later(self, work: Awaitable[object]) -> None:
+        async def run() -> None:
+            await work
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._applying.add(task)
+        task.add_done_callback(self._applying.discard)
+
+    async def _settled_shared(self, hold: RequestHold, shared: _SharedSettlement) -> None:
+        """Every part of a settlement was written (or refused): the wallet follows."""
+        available = await self._apply(hold.account_id, hold.sandbox, shared.entry, shared.moved)
+        if not shared.committed:
+            return
+        if available is None:
+            book = developer_book(hold.account_id, sandbox=hold.sandbox)
+            try:
+                available = await self._read_book(book)
+            except Exception:
+                log.warning("reading a balance after a charge failed")
+                available = 0
+        for pending in shared.committed:
+            self._notify(pending, available)
 
     async def top_up(
         self,
@@ -201,6 +302,19 @@ class Billing:
         memo: str | None = None,
     ) -> str:
         """Credits a developer (payment, admin grant); idempotent with an ``external_id``."""
+        if self.wallets is not None:
+            return await self._shared(
+                announced_credit(
+                    self.wallets,
+                    self.ledger,
+                    account_id,
+                    amount_micros,
+                    source,
+                    external_id,
+                    sandbox=sandbox,
+                    memo=memo,
+                )
+            )
         transaction_id = await self.ledger.top_up(
             account_id, amount_micros, source, external_id, sandbox=sandbox, memo=memo
         )
@@ -261,33 +375,24 @@ class Billing:
         then runs in the hold's database transaction.
         """
         sandbox = principal.sandbox
-        shared_hold = self.shared and not in_ledger
-        in_ledger = in_ledger or self.shared
-        wallet = await self._wallet(principal.account_id, sandbox)
-        spend: KeySpend | None = None
-        cap = principal.settings.daily_spend_cap_micros
-        if principal.key_id is not None and cap is not None:
-            spend = await self._key_spend(principal.key_id, principal.account_id)
-            if spend.would_pass(cap, amount_micros):
-                raise SpendCapReached(
-                    f"This key's daily spend cap of {cap} micro-dollars would be passed "
-                    f"(spent or running today: {spend.total}; this request may cost up to "
-                    f"{amount_micros}). The cap resets at 00:00 UTC."
-                )
-        if not wallet.can_reserve(amount_micros):
-            # The balance may have grown outside this process (an admin top-up).
-            await self._resync(principal.account_id, sandbox, wallet)
+        spend = await self._take_spend(principal, amount_micros)
+        if self.wallets is not None:
+            return await self._hold_shared(
+                principal, model, pricing, amount_micros, job_id, spend, in_ledger, also
+            )
+        try:
+            wallet = await self._wallet(principal.account_id, sandbox)
             if not wallet.can_reserve(amount_micros):
-                kind = "sandbox credit" if sandbox else "credit"
-                raise InsufficientCredits(
-                    f"Insufficient {kind}: this request may cost up to {amount_micros} "
-                    f"micro-dollars and {max(0, wallet.available)} are available. "
-                    "Top up, or lower max_tokens."
-                )
-        # No await between the checks above and these lines: nothing can slip in between.
+                # The balance may have grown outside this process (an admin top-up).
+                await self._resync(principal.account_id, sandbox, wallet)
+                if not wallet.can_reserve(amount_micros):
+                    raise _insufficient(sandbox, amount_micros, wallet.available)
+        except BaseException:
+            if spend is not None:
+                spend.reserved -= amount_micros
+            raise
+        # No await between the check above and this line: nothing can slip in between.
         wallet.reserve(amount_micros)
-        if spend is not None:
-            spend.reserved += amount_micros
         hold = RequestHold(
             account_id=principal.account_id,
             key_id=principal.key_id,
@@ -309,26 +414,12 @@ class Billing:
                     sandbox,
                     also=also,
                 )
-            except InsufficientCredits:
-                if spend is not None:
-                    spend.reserved -= amount_micros
-                if not shared_hold:
-                    raise
-                # Another gateway spent what this one's wallet still counted.
-                await self._resync(principal.account_id, sandbox, wallet)
-                kind = "sandbox credit" if sandbox else "credit"
-                raise InsufficientCredits(
-                    f"Insufficient {kind}: this request may cost up to {amount_micros} "
-                    f"micro-dollars and {max(0, wallet.available - amount_micros)} are "
-                    "available. Top up, or lower max_tokens."
-                ) from None
             except BaseException:
                 if spend is not None:
                     spend.reserved -= amount_micros
                 raise
             finally:
                 wallet.release(amount_micros)
-            hold.void_in_ledger = shared_hold
             # The credit now sits in the ledger's holds book, not in the developer book;
             # the ledger expires it by itself.
             wallet.committed -= amount_micros
@@ -336,43 +427,119 @@ class Billing:
             self._open[id(hold)] = hold
         return hold
 
+    async def _take_spend(self, principal: Principal, amount_micros: int) -> KeySpend | None:
+        """Counts the request against its key's daily cap (402 if it would pass it)."""
+        cap = principal.settings.daily_spend_cap_micros
+        if principal.key_id is None or cap is None:
+            return None
+        spend = await self._key_spend(principal.key_id, principal.account_id)
+        if spend.would_pass(cap, amount_micros):
+            raise SpendCapReached(
+                f"This key's daily spend cap of {cap} micro-dollars would be passed "
+                f"(spent or running today: {spend.total}; this request may cost up to "
+                f"{amount_micros}). The cap resets at 00:00 UTC."
+            )
+        spend.reserved += amount_micros
+        return spend
+
+    async def _hold_shared(
+        self,
+        principal: Principal,
+        model: str,
+        pricing: Pricing,
+        amount_micros: int,
+        job_id: str,
+        spend: KeySpend | None,
+        in_ledger: bool,
+        also: Callable[[AsyncConnection, str], Awaitable[None]] | None,
+    ) -> RequestHold:
+        """A reservation in the shared wallet (the job id is its entry); for a queued job
+        it then becomes a ledger hold, and the wallet's book follows the money there."""
+        assert self.wallets is not None
+        account_id, sandbox = principal.account_id, principal.sandbox
+        try:
+            reserved = await self._shared(
+                self.wallets.reserve(
+                    account_id,
+                    sandbox,
+                    job_id,
+                    amount_micros,
+                    self._book_reader(account_id, sandbox),
+                )
+            )
+        except BaseException:
+            if spend is not None:
+                spend.reserved -= amount_micros
+            raise
+        if not reserved.ok:
+            if spend is not None:
+                spend.reserved -= amount_micros
+            raise _insufficient(sandbox, amount_micros, reserved.available)
+        hold = RequestHold(
+            account_id=account_id,
+            key_id=principal.key_id,
+            sandbox=sandbox,
+            model=model,
+            pricing=pricing,
+            amount_micros=amount_micros,
+            job_id=job_id,
+            wallet=None,
+            spend=spend,
+        )
+        if not in_ledger:
+            self._open[id(hold)] = hold
+            return hold
+        moved = 0
+        try:
+            hold.ledger_hold_id = await self.ledger.hold(
+                account_id, amount_micros, job_id, self._hold_ttl_s, sandbox, also=also
+            )
+            moved = -amount_micros  # into the ledger's holds book
+        except BaseException:
+            if spend is not None:
+                spend.reserved -= amount_micros
+            raise
+        finally:
+            await self._apply(account_id, sandbox, job_id, moved)
+        return hold
+
     def void(self, hold: RequestHold) -> None:
-        """Releases an in-memory hold: the job failed, timed out or was cancelled."""
+        """Releases a request's reservation: the job failed, timed out or was cancelled.
+        A queued job's ledger hold stays (for a rerun); ``void_in_ledger`` gives it back."""
         if hold.resolved:
             return
         hold.resolved = True
         self._open.pop(id(hold), None)
         if hold.ledger_hold_id is None:
-            hold.wallet.release(hold.amount_micros)
-        elif hold.void_in_ledger:
-            task = asyncio.get_running_loop().create_task(self._give_back(hold))
-            self._voiding.add(task)
-            task.add_done_callback(self._voiding.discard)
+            if hold.wallet is not None:
+                hold.wallet.release(hold.amount_micros)
+            else:
+                self._later(self._apply(hold.account_id, hold.sandbox, hold.job_id, 0))
         if hold.spend is not None:
             hold.spend.reserved -= hold.amount_micros
 
-    async def _give_back(self, hold: RequestHold) -> None:
-        """Voids a request's ledger hold (scaled out); the sweeper expires it if this fails."""
-        assert hold.ledger_hold_id is not None
-        try:
-            if await self.ledger.void(hold.ledger_hold_id):
-                hold.wallet.committed += hold.amount_micros
-        except Exception:
-            log.warning(
-                "voiding a hold failed; it expires with its TTL", extra={"job_id": hold.job_id}
-            )
-
     async def drain_voids(self) -> None:
-        """Waits for the ledger voids under way (shutdown, tests)."""
-        while self._voiding:
-            await asyncio.gather(*list(self._voiding), return_exceptions=True)
+        """Waits for the changes to shared wallets under way (shutdown, tests)."""
+        while self._applying:
+            await asyncio.gather(*list(self._applying), return_exceptions=True)
 
     async def void_in_ledger(self, hold: RequestHold) -> None:
         """Voids a hold (in memory or in the ledger) and gives the credit back."""
         ledger_hold = hold.ledger_hold_id
         self.void(hold)
-        if ledger_hold is not None and await self.ledger.void(ledger_hold):
-            hold.wallet.committed += hold.amount_micros
+        if ledger_hold is None:
+            return
+        if hold.wallet is not None:
+            if await self.ledger.void(ledger_hold):
+                hold.wallet.committed += hold.amount_micros
+            return
+        entry = await self._announce(hold.account_id, hold.sandbox)
+        voided = False
+        try:
+            voided = await self.ledger.void(ledger_hold)
+        finally:
+            moved = hold.amount_micros if voided else 0
+            await self._apply(hold.account_id, hold.sandbox, entry, moved)
 
     async def settle(
         self,
@@ -410,7 +577,14 @@ class Billing:
         charged = sum(p.charged_micros for p in pendings)
         wallet, spend = hold.wallet, hold.spend
         in_memory = hold.ledger_hold_id is None
-        if in_memory:
+        if wallet is None:
+            # Shared: the reservation is the entry; a ledger hold's settlement credits the
+            # unspent part back to the book, so it is announced first.
+            entry = (
+                hold.job_id if in_memory else await self._announce(hold.account_id, hold.sandbox)
+            )
+            shared = _SharedSettlement(entry, len(pendings))
+        elif in_memory:
             wallet.charge(hold.amount_micros, charged)
         if spend is not None:
             spend.reserved -= hold.amount_micros
@@ -421,6 +595,14 @@ class Billing:
             # waits for the charge is cancelled (its client left) in the meantime.
             ok = not future.cancelled() and future.exception() is None
             amount = pending.charged_micros
+            if spend is not None:
+                spend.pending -= amount
+                if ok:
+                    spend.committed += amount
+            if wallet is None:
+                if shared.written(pending, ok):
+                    self._later(self._settled_shared(hold, shared))
+                return
             if in_memory:
                 if ok:
                     wallet.committed_charge(amount)
@@ -429,10 +611,6 @@ class Billing:
             elif ok:
                 # The part that settled the ledger hold gave it back; the others spent.
                 wallet.committed += pending.held_micros - amount
-            if spend is not None:
-                spend.pending -= amount
-                if ok:
-                    spend.committed += amount
             if ok:
                 self._notify(pending, wallet.available)
 
@@ -520,7 +698,9 @@ class Billing:
             ).first()
         if row is None:
             return None
-        wallet = await self._wallet(row.account_id, bool(row.sandbox))
+        wallet = None
+        if self.wallets is None:
+            wallet = await self._wallet(row.account_id, bool(row.sandbox))
         hold = RequestHold(
             account_id=row.account_id,
             key_id=key_id,
@@ -558,14 +738,29 @@ class Billing:
             completion_tokens,
         )
         (pending,) = self._resolve_parts(hold, [part])
+        entry: str | None = None
+        available: int | None = None
+        if hold.wallet is None:
+            if hold.ledger_hold_id is None:
+                entry = hold.job_id
+            else:
+                entry = await self._announce(hold.account_id, hold.sandbox)
+        moved = 0
         try:
             async with self.ledger.writing() as conn:
                 await post_plan(conn, plan_batch([pending]))
                 await write(conn)
+            moved = moved_by(pending)
         except ChargeRefused as exc:
             raise BillingUnavailable(
                 "The job's result could not be billed; you were not charged."
             ) from exc
+        finally:
+            if entry is not None:
+                available = await self._apply(hold.account_id, hold.sandbox, entry, moved)
+        if hold.wallet is None:
+            self._notify(pending, available or 0)
+            return Charge(pending.charged_micros, pending.provider_micros, pending.platform_micros)
         if hold.ledger_hold_id is None:
             hold.wallet.committed -= pending.charged_micros
         else:
@@ -576,8 +771,11 @@ class Billing:
     # -- the sweeper ----------------------------------------------------------------------
     async def sweep(self) -> int:
         """Voids holds that outlived their TTL: in the ledger, and in memory (a leak)."""
-        expired = await self.ledger.expire_holds()
-        if expired:
+        if self.wallets is not None:
+            expired = await self._expire_shared()
+        else:
+            expired = await self.ledger.expire_holds()
+        if expired and self.wallets is None:
             # Released ledger holds went back to developer books; read them again.
             for (account_id, sandbox), wallet in list(self._wallets.items()):
                 if wallet.pending == 0:
@@ -591,6 +789,31 @@ class Billing:
 
     def open_holds(self) -> int:
         return len(self._open)
+
+    async def _expire_shared(self) -> int:
+        """The ledger's expired holds, each announced to its wallet and applied there."""
+        expired = 0
+        while True:
+            due = await self.ledger.due_holds()
+            for hold in due:
+                entry = await self._announce(hold.account_id, hold.sandbox)
+                released = False
+                try:
+                    released = await self.ledger.expire_hold(hold.id)
+                finally:
+                    moved = hold.amount_micros if released else 0
+                    await self._apply(hold.account_id, hold.sandbox, entry, moved)
+                expired += released
+            if len(due) < EXPIRE_BATCH:
+                return expired
+
+
+def _insufficient(sandbox: bool, amount_micros: int, available_micros: int) -> InsufficientCredits:
+    kind = "sandbox credit" if sandbox else "credit"
+    return InsufficientCredits(
+        f"Insufficient {kind}: this request may cost up to {amount_micros} micro-dollars "
+        f"and {max(0, available_micros)} are available. Top up, or lower max_tokens."
+    )
 
 
 def month_bounds(now: datetime) -> tuple[datetime, datetime]:

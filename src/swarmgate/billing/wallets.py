@@ -24,8 +24,8 @@ the gateway re-reads the balance, so the lag can only delay a refusal, never an 
 A key's daily spend cap works the same way over ``KeySpend`` (today's committed,
 pending and reserved spend of one key; the day is the UTC calendar day).
 
-This is the single-process implementation; several gateways sharing one database need
-the reservations in a shared store (the scale-out mode), behind this same arithmetic.
+This is the single-process implementation; gateways sharing one database keep the same
+arithmetic in Redis (``cluster/wallets.py``).
 """
 
 from __future__ import annotations

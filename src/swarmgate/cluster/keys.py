@@ -26,6 +26,16 @@ key                                type     what it holds; how long
                                             updated); TTL two minutes after the last use
 ``{p}idem:{account}:{key}``        hash     an Idempotency-Key's claim and stored response;
                                             TTL ``idempotency_ttl_s`` (24 h)
+``{p}wal:{{account}:{book}}``      hash     a developer book's credit (``bal``, ``held``;
+                                            ``cluster/wallets.py``; book ``live`` or
+                                            ``sandbox``; the outer braces are a Redis
+                                            hash tag); TTL a day after the last use
+``{p}wal:{{account}:{book}}:e``    hash     its open entries (reservations, markers):
+                                            entry id -> micro-dollars; same TTL
+``{p}wal:{{account}:{book}}:x``    zset     the entries' expiry (ms, Redis clock); an
+                                            entry lives ``request_timeout_s`` + 60 s
+``{p}wal:{{account}:{book}}:g``    string   the wallet's generation, bumped by every
+                                            change; same TTL
 =================================  =======  ===============================================
 
 Channels (pub/sub, nothing stored):
@@ -42,6 +52,8 @@ from dataclasses import dataclass
 # Rate-limit buckets refill completely within a minute; two minutes unused and they are
 # full again, so the key may go.
 RATE_BUCKET_TTL_S = 120
+# A developer's wallet unused for a day leaves Redis; the next request loads it again.
+WALLET_IDLE_TTL_S = 86_400
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +81,12 @@ class ClusterKeys:
 
     def idempotency(self, account_id: str, key: str) -> str:
         return f"{self.prefix}idem:{account_id}:{key}"
+
+    def wallet(self, account_id: str, sandbox: bool) -> list[str]:
+        """A developer book's wallet keys: balance, entries, expiry, generation. One hash
+        tag, so a Redis Cluster keeps them in one slot (the scripts touch all four)."""
+        base = f"{self.prefix}wal:{{{account_id}:{'sandbox' if sandbox else 'live'}}}"
+        return [base, f"{base}:e", f"{base}:x", f"{base}:g"]
 
     @property
     def presence(self) -> str:

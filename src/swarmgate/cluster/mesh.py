@@ -44,7 +44,7 @@ from typing import Any, ClassVar
 
 import orjson
 from pydantic import ValidationError
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.exceptions import RedisError
 
 from swarmgate.cluster.keys import ClusterKeys
@@ -111,6 +111,18 @@ class _Relay(asyncio.Queue[AttemptEvent]):
         asyncio.get_running_loop().call_soon(mesh.end_relay, self)
 
 
+def command_client(settings: GatewaySettings) -> Redis:
+    """The gateway's Redis client for commands: a bounded pool that makes a command wait
+    for a free connection under load rather than fail (redis-py's default pool refuses a
+    command past 100 connections in use)."""
+    pool = BlockingConnectionPool.from_url(
+        settings.redis_url,
+        max_connections=settings.redis_max_connections,
+        timeout=settings.redis_pool_wait_s,
+    )
+    return Redis.from_pool(pool)
+
+
 class Mesh:
     """This gateway's part in a network of gateways sharing one Redis."""
 
@@ -124,7 +136,7 @@ class Mesh:
         self.settings = settings
         self.gateway_id = settings.gateway_id or f"gw_{secrets.token_hex(5)}"
         self.keys = ClusterKeys(settings.redis_prefix)
-        self.redis: Redis = redis or Redis.from_url(settings.redis_url)
+        self.redis: Redis = redis or command_client(settings)
         self._registry = registry
         self._profile_for = profile_for
         self._inbox = self.keys.inbox(self.gateway_id).encode()
