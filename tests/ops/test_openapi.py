@@ -39,7 +39,9 @@ async def test_answers_are_described_as_the_gateway_sends_them(live: LiveGateway
     for status in ("400", "401", "402", "404", "413", "429", "503"):
         assert chat[status]["content"]["application/json"]["schema"] == error
     ok = document["paths"]["/v1/keys"]["get"]["responses"]["200"]
-    assert ok["content"]["application/json"]["schema"] == {"type": "object"}
+    assert ok["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/ApiKeyList"
+    }
     metrics = document["paths"]["/metrics"]["get"]["responses"]
     assert "text/plain" in metrics["200"]["content"]
     assert set(metrics) == {"200"}
