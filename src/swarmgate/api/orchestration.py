@@ -36,6 +36,7 @@ from swarmgate.api.running import (
 from swarmgate.api.schemas import ChatCompletionRequest, Orchestration
 from swarmgate.api.streaming import PacedStreamingResponse
 from swarmgate.billing.service import prompt_token_bound
+from swarmgate.billing.service import usd_number as usd
 from swarmgate.errors import RequestError, RoutingError, SwarmgateError
 from swarmgate.gateway import Gateway
 from swarmgate.memory.service import MemoryTurn
@@ -53,7 +54,6 @@ from swarmgate.workflows.engine import (
     StepRequest,
 )
 from swarmgate.workflows.react import ToolSpec
-from swarmgate.workflows.store import usd
 
 AUTO_ORCHESTRATION = Orchestration(enabled=True, workflow="auto")
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 from datetime import UTC, date, datetime, timedelta
 from typing import Annotated, Any
 
-import orjson
 from fastapi import APIRouter, Query
 from sqlalchemy import func, select
 from starlette.responses import Response
@@ -17,16 +16,12 @@ from starlette.responses import Response
 from swarmgate.api.deps import CurrentPrincipal, GatewayDep
 from swarmgate.api.responses import json_response
 from swarmgate.billing.earnings import REQUESTS
-from swarmgate.billing.service import as_usd, month_bounds
+from swarmgate.billing.service import month_bounds
+from swarmgate.billing.service import usd_number as usd
 from swarmgate.errors import RequestError
 from swarmgate.store.tables import api_keys, charges
 
 router = APIRouter(tags=["billing"])
-
-
-def usd(micros: int) -> orjson.Fragment:
-    """A dollar amount as a JSON number written from integers: no float is involved."""
-    return orjson.Fragment(as_usd(micros).encode())
 
 
 def _period(start: date | None, end: date | None) -> tuple[datetime, datetime]:

@@ -12,9 +12,9 @@ from swarmgate.api.deps import CurrentPrincipal, GatewayDep, read_body
 from swarmgate.api.responses import json_response
 from swarmgate.api.running import at_rate
 from swarmgate.api.schemas import Message, body_schema, parse_body
+from swarmgate.billing.service import usd_number as usd
 from swarmgate.errors import ModelNotFound, NotFound, RequestError
 from swarmgate.workflows import plan, registry
-from swarmgate.workflows.store import usd
 
 router = APIRouter(prefix="/v1/workflows", tags=["workflows"])
 

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 
+import orjson
 from redis.exceptions import RedisError
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -821,6 +822,11 @@ def month_bounds(now: datetime) -> tuple[datetime, datetime]:
     start = datetime(now.year, now.month, 1, tzinfo=UTC)
     following = (start + timedelta(days=32)).replace(day=1)
     return start, following
+
+
+def usd_number(micros: int) -> orjson.Fragment:
+    """A dollar amount as a JSON number written from integers: no float is involved."""
+    return orjson.Fragment(as_usd(micros).encode())
 
 
 def as_usd(micros: int) -> str:

@@ -3,21 +3,16 @@
 from __future__ import annotations
 
 from datetime import datetime
-from decimal import Decimal
 from typing import Any
 
 from sqlalchemy import func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from swarmgate.accounts.keys import new_id, utcnow
+from swarmgate.billing.service import usd_number as usd
 from swarmgate.store.db import iso, write_transaction
 from swarmgate.store.tables import workflow_runs, workflow_steps
 from swarmgate.workflows.engine import StepRecord
-
-
-def usd(micros: int) -> float:
-    """Micro-dollars as a dollar amount for display (exact decimal, then a JSON number)."""
-    return float(Decimal(micros) / Decimal(1_000_000))
 
 
 class WorkflowStore:
