@@ -13,15 +13,17 @@ process as the load generator (the raw keep-alive HTTP client of
 
 1. ``hop``: one sim device, connected to B. Concurrency 1, non-streamed requests,
    alternating between B (direct: the device is B's own) and A (the hop: A's request
-   runs on B's device through Redis). The rounds interleave the two paths so that noise
-   falls on both; p50/p99 per path and the difference of the medians. Streamed
-   requests the same way, for the time to the first token.
+   runs on B's device). The rounds interleave the two paths so that noise falls on
+   both; p50/p99 per path and the difference of the medians. Streamed requests the
+   same way, for the time to the first token. Twice: the attempts crossing through
+   Redis pub/sub, then over a direct link between the gateways (``cluster/links.py``).
 2. ``parts``: what the hop is made of, in this process: one Redis traversal (PUBLISH
    on one connection, delivered to a subscriber), and the mesh's whole round trip (two
    ``Mesh`` objects on one event loop, a device that answers at once).
 3. ``throughput``: concurrency 64 for a fixed time against (a) gateway A alone with its
    own sim node, and (b) A and B together, each with its own sim node, the load split
-   half and half. Requests/s, errors, and CPU per request of each process.
+   half and half (the gateways linked). Requests/s, errors, and CPU per request of each
+   process.
 
 4. ``ablation``: one gateway with its node at concurrency 64, three ways: scaled out
    (PostgreSQL + Redis), scaled out with billing off, and PostgreSQL without Redis (holds
@@ -58,6 +60,7 @@ POSTGRES = os.environ.get(
     "SWARMGATE_BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
 )
 REDIS = os.environ.get("SWARMGATE_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
+LINK_SECRET = "the benchmark network's link secret"
 
 
 class Network:
@@ -97,13 +100,22 @@ class Network:
             "id"
         ]
 
-    def gateway(self, name: str) -> int:
+    def gateway(self, name: str, *, linked: bool = False) -> int:
         port = bench.free_port()
         log = (self.work / f"{name}.log").open("wb")
+        links = {}
+        if linked:
+            links = {
+                "SWARMGATE_CLUSTER_LINK_PORT": str(bench.free_port()),
+                "SWARMGATE_CLUSTER_LINK_BIND": "127.0.0.1",
+                "SWARMGATE_CLUSTER_LINK_HOST": "127.0.0.1",
+                "SWARMGATE_CLUSTER_SECRET": LINK_SECRET,
+            }
         self.procs[name] = subprocess.Popen(
             bench.swarmgate("serve"),
             env={
                 **self.env,
+                **links,
                 "SWARMGATE_PORT": str(port),
                 "SWARMGATE_GATEWAY_ID": name,
                 "SWARMGATE_DATA_DIR": str(self.work / name),
@@ -175,12 +187,14 @@ class Network:
         await client.aclose()
 
 
-async def hop_phase(net: Network, rounds: int, per_round: int) -> dict[str, Any]:
-    net.gateway("A")
-    net.gateway("B")
+async def hop_phase(net: Network, rounds: int, per_round: int, linked: bool) -> dict[str, Any]:
+    net.gateway("A", linked=linked)
+    net.gateway("B", linked=linked)
     net.node("node-B", "B")
     net.wait_devices("B", 1)
     net.wait_devices("A", 1)
+    if linked:
+        await asyncio.sleep(3)  # a few liveness ticks: A has dialled B
     out: dict[str, Any] = {}
     for stream in (False, True):
         payloads = {
@@ -334,13 +348,13 @@ async def load(ports: list[int], key: str, seconds: float, pids: dict[str, int])
 
 async def throughput_phase(net: Network, reps: int, seconds: float) -> dict[str, Any]:
     out: dict[str, Any] = {"one": [], "two": []}
-    net.gateway("A")
+    net.gateway("A", linked=True)
     net.node("node-A", "A")
     net.wait_devices("A", 1)
     pids = {"gateway_A": net.procs["A"].pid, "node_A": net.procs["node-A"].pid}
     for _ in range(reps):  # A alone, with its own node
         out["one"].append(await load([net.ports["A"]], net.key, seconds, pids))
-    net.gateway("B")
+    net.gateway("B", linked=True)
     net.node("node-B", "B")
     net.wait_devices("A", 2)
     net.wait_devices("B", 2)
@@ -386,7 +400,10 @@ async def main(args: argparse.Namespace) -> None:
     await net.create()
     try:
         print("hop: direct vs through another gateway ...", flush=True)
-        results["hop"] = await hop_phase(net, rounds, per_round)
+        results["hop"] = {
+            transport: await hop_phase(net, rounds, per_round, transport == "link")
+            for transport in ("redis", "link")
+        }
         print(orjson.dumps(results["hop"], option=orjson.OPT_INDENT_2).decode(), flush=True)
         print("parts of the hop ...", flush=True)
         results["parts"] = await parts_phase(net, 500 if args.quick else 2000)

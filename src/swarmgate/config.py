@@ -114,6 +114,13 @@ class GatewaySettings(BaseSettings):
     # Device presence records expire after this unless refreshed; peers re-read them this often.
     cluster_device_ttl_s: float = Field(default=60.0, gt=0)
     cluster_sync_interval_s: float = Field(default=5.0, gt=0)
+    # Direct links between gateways for the attempts that cross them (cluster/links.py):
+    # a TCP port of their own (0: none; attempts cross through Redis pub/sub), the host
+    # peers reach this gateway at, and a secret every gateway of the network shares.
+    cluster_link_port: int = Field(default=0, ge=0, le=65_535)
+    cluster_link_bind: str = "0.0.0.0"  # every interface: the other gateways connect
+    cluster_link_host: str = ""  # empty: this machine's host name
+    cluster_secret: str = ""
 
     # jobs
     job_log_flush_ms: int = 50
@@ -181,6 +188,11 @@ class GatewaySettings(BaseSettings):
             raise ValueError(
                 "SWARMGATE_REDIS_URL needs a shared database: set SWARMGATE_DATABASE_URL to "
                 "PostgreSQL (several gateways cannot share one SQLite file)"
+            )
+        if self.cluster_link_port and len(self.cluster_secret) < 16:
+            raise ValueError(
+                "SWARMGATE_CLUSTER_LINK_PORT needs SWARMGATE_CLUSTER_SECRET: a secret of 16 or "
+                "more characters that every gateway of the network shares"
             )
         if self.cluster_liveness_interval_s * 2 > self.cluster_gateway_ttl_s:
             raise ValueError(

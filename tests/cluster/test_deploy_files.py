@@ -15,7 +15,15 @@ def test_every_setting_named_in_the_deployment_exists() -> None:
     named: set[str] = set()
     for path in DEPLOY.iterdir():
         named |= set(re.findall(r"SWARMGATE_([A-Z0-9_]+)", path.read_text()))
-    assert {"DATABASE_URL", "REDIS_URL", "GATEWAY_ID", "ADMIN_TOKEN"} <= named
+    assert {
+        "DATABASE_URL",
+        "REDIS_URL",
+        "GATEWAY_ID",
+        "ADMIN_TOKEN",
+        "CLUSTER_LINK_PORT",
+        "CLUSTER_LINK_HOST",
+        "CLUSTER_SECRET",
+    } <= named
     assert named - fields == set()
 
 

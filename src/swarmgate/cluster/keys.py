@@ -10,7 +10,9 @@ key                                type     what it holds; how long
 ``{p}gateways``                    set      ids of gateways that joined; a member whose
                                             liveness key is gone is dead and is removed by
                                             whichever peer notices first
-``{p}gw:{gateway}``                string   a gateway's liveness ("alive" + start time);
+``{p}gw:{gateway}``                string   a gateway's liveness ("alive", start time, and
+                                            its link address ``host:port`` when it has
+                                            one, space-separated);
                                             TTL ``cluster_gateway_ttl_s`` (5 s), refreshed
                                             every ``cluster_liveness_interval_s`` (1 s)
 ``{p}gw:{gateway}:devices``        set      ids of the devices connected to that gateway;

@@ -48,6 +48,7 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.exceptions import RedisError
 
 from swarmgate.cluster.keys import ClusterKeys
+from swarmgate.cluster.links import Link, Links
 from swarmgate.config import GatewaySettings
 from swarmgate.errors import DeviceGone
 from swarmgate.protocol import Delta, Done, JobError, node_frame_adapter
@@ -94,16 +95,26 @@ class _Relay(asyncio.Queue[AttemptEvent]):
     """Stands in, on the holder, for the channel of an attempt another gateway runs: each
     frame the device sends for it goes straight back to that gateway."""
 
-    def __init__(self, mesh: Mesh, origin: str, device: DeviceConnection, attempt_id: str):
+    def __init__(
+        self,
+        mesh: Mesh,
+        origin: str,
+        device: DeviceConnection,
+        attempt_id: str,
+        via: Link | None,
+    ):
         super().__init__()
         self.mesh, self.origin, self.device, self.attempt_id = mesh, origin, device, attempt_id
+        # The job came over this link (None: through Redis); every frame goes back the same
+        # way, so they keep their order.
+        self.via = via
 
     def put_nowait(self, item: AttemptEvent) -> None:
         mesh = self.mesh
         if isinstance(item, DeviceLost):
-            mesh.lost(self.origin, self.device.device_id, self.attempt_id, item.reason)
+            mesh.lost(self.origin, self.device.device_id, self.attempt_id, item.reason, self.via)
         else:
-            mesh.publish_frame(self.origin, self.device.device_id, item.model_dump_json())
+            mesh.publish_frame(self.origin, self.device.device_id, item.model_dump_json(), self.via)
             if isinstance(item, Delta):
                 return
         # Ended: free the slot once the caller (who may be iterating the device's
@@ -158,10 +169,26 @@ class Mesh:
         self._background: set[asyncio.Task[Any]] = set()
         self._started = time.time()
         self.peers_alive: set[str] = set()
+        # Direct links to the other gateways, when this one has a link port.
+        self.links: Links | None = None
+        if settings.cluster_link_port:
+            self.links = Links(
+                self.gateway_id,
+                secret=settings.cluster_secret,
+                port=settings.cluster_link_port,
+                bind=settings.cluster_link_bind,
+                host=settings.cluster_link_host,
+                # A job frame carries the request's messages, JSON-escaped again.
+                max_frame_bytes=8 * settings.max_body_bytes + 1_048_576,
+                on_message=self.handle,
+                on_lost=self._link_lost,
+            )
 
     # -- lifecycle ------------------------------------------------------------------------
     async def start(self) -> None:
         """Joins the network: liveness first, then the subscriptions, then a full sync."""
+        if self.links is not None:
+            await self.links.start()  # its address goes with the liveness key
         try:
             await self._beat()
         except (RedisError, OSError) as exc:
@@ -205,7 +232,30 @@ class Mesh:
                 await self._publisher.disconnect()
         for task in list(self._background):
             task.cancel()
+        if self.links is not None:
+            await self.links.stop()
         await self.redis.aclose()
+
+    @property
+    def _liveness(self) -> str:
+        """The liveness key's value: start time, and the link address if there is one."""
+        address = self.links.address if self.links is not None else ""
+        return f"alive {self._started} {address}".rstrip()
+
+    def _link_lost(self, link: Link) -> None:
+        """A link broke (or its peer died): what crossed it cannot finish. Attempts this
+        gateway runs on the peer's devices fail over; relays whose jobs came over it stop."""
+        for relay in [r for r in self._relays.values() if r.via is link]:
+            with contextlib.suppress(DeviceGone):
+                relay.device.send(
+                    orjson.dumps({"type": "cancel", "job_id": relay.attempt_id}).decode()
+                )
+            self.end_relay(relay)
+        for device_id in self._peers.get(link.peer, set()):
+            device = self._registry.get(device_id)
+            if isinstance(device, RemoteDevice) and device.holder == link.peer:
+                for channel in list(device.active.values()):
+                    channel.put_nowait(DeviceLost("the link to its gateway broke"))
 
     async def ping(self) -> bool:
         try:
@@ -263,28 +313,39 @@ class Mesh:
             raise
 
     def to_holder(self, device: RemoteDevice, frame: str) -> None:
-        """A frame for a remote device (a job or a cancel), to the gateway that holds it."""
-        self._send(
-            self.keys.inbox(device.holder).encode(),
-            b"D|" + self._me + b"|" + device.device_id.encode() + b"|" + frame.encode(),
+        """A frame for a remote device (a job or a cancel), to the gateway that holds it:
+        over the link to it if there is one, else through Redis."""
+        data = b"D|" + self._me + b"|" + device.device_id.encode() + b"|" + frame.encode()
+        link = self.links.get(device.holder) if self.links is not None else None
+        if link is None or not link.send(data):
+            self._send(self.keys.inbox(device.holder).encode(), data)
+
+    def publish_frame(self, origin: str, device_id: str, frame: str, via: Link | None) -> None:
+        self._reply(
+            origin, b"F|" + self._me + b"|" + device_id.encode() + b"|" + frame.encode(), via
         )
 
-    def publish_frame(self, origin: str, device_id: str, frame: str) -> None:
-        self._send(
-            self.keys.inbox(origin).encode(),
-            b"F|" + self._me + b"|" + device_id.encode() + b"|" + frame.encode(),
-        )
-
-    def lost(self, origin: str, device_id: str, attempt_id: str, reason: str) -> None:
-        self._send(
-            self.keys.inbox(origin).encode(),
+    def lost(
+        self, origin: str, device_id: str, attempt_id: str, reason: str, via: Link | None
+    ) -> None:
+        self._reply(
+            origin,
             b"L|"
             + self._me
             + b"|"
             + device_id.encode()
             + b"|"
             + f"{attempt_id}\n{reason}".encode(),
+            via,
         )
+
+    def _reply(self, origin: str, data: bytes, via: Link | None) -> None:
+        """A frame back to the gateway running an attempt, the way its job came. A link
+        that broke in between ends the attempt there (``_link_lost``)."""
+        if via is None:
+            self._send(self.keys.inbox(origin).encode(), data)
+        else:
+            via.send(data)
 
     # -- receiving ------------------------------------------------------------------------
     async def _listen_loop(self) -> None:
@@ -302,13 +363,14 @@ class Mesh:
             except Exception:
                 log.exception("a message from another gateway could not be handled")
 
-    def handle(self, data: bytes) -> None:
+    def handle(self, data: bytes, via: Link | None = None) -> None:
+        """A message from another gateway, through Redis or over ``via``, a link."""
         kind, gateway, device_id, payload = data.split(b"|", 3)
         peer = gateway.decode()
         if kind == b"F":
             self._on_device_frame(device_id.decode(), payload)
         elif kind == b"D":
-            self._on_frame_for_device(peer, device_id.decode(), payload)
+            self._on_frame_for_device(peer, device_id.decode(), payload, via)
         elif kind == b"L":
             attempt_id, _, reason = payload.decode().partition("\n")
             device = self._registry.get(device_id.decode())
@@ -338,7 +400,9 @@ class Mesh:
             if channel is not None:
                 channel.put_nowait(frame)
 
-    def _on_frame_for_device(self, origin: str, device_id: str, payload: bytes) -> None:
+    def _on_frame_for_device(
+        self, origin: str, device_id: str, payload: bytes, via: Link | None
+    ) -> None:
         """A job or a cancel that another gateway sends to a device connected here."""
         frame = orjson.loads(payload)
         attempt_id = str(frame.get("job_id", ""))
@@ -351,7 +415,7 @@ class Mesh:
             return
         device = self._registry.get(device_id)
         if device is None or not device.local or device.state is ConnectionState.CLOSED:
-            self.lost(origin, device_id, attempt_id, "the device is no longer connected")
+            self.lost(origin, device_id, attempt_id, "the device is no longer connected", via)
             return
         if not device.accepting or attempt_id in device.active:
             refusal = JobError(
@@ -360,16 +424,16 @@ class Mesh:
                 code="NODE_BUSY",
                 message="the device has no free slot",
             )
-            self.publish_frame(origin, device_id, refusal.model_dump_json())
+            self.publish_frame(origin, device_id, refusal.model_dump_json(), via)
             return
-        relay = _Relay(self, origin, device, attempt_id)
+        relay = _Relay(self, origin, device, attempt_id, via)
         device.occupy(attempt_id, relay)
         self._relays[attempt_id] = relay
         try:
             device.send(payload.decode())
         except DeviceGone:
             self.end_relay(relay)
-            self.lost(origin, device_id, attempt_id, "the device is no longer connected")
+            self.lost(origin, device_id, attempt_id, "the device is no longer connected", via)
 
     def end_relay(self, relay: _Relay) -> None:
         if self._relays.get(relay.attempt_id) is relay:
@@ -430,7 +494,13 @@ class Mesh:
         if self._records.pop(device.device_id, None) is None:
             return
         for relay in [r for r in self._relays.values() if r.device is device]:
-            self.lost(relay.origin, device.device_id, relay.attempt_id, "the device disconnected")
+            self.lost(
+                relay.origin,
+                device.device_id,
+                relay.attempt_id,
+                "the device disconnected",
+                relay.via,
+            )
             self.end_relay(relay)
         device_id = device.device_id
         self._command(lambda pipe: self._forget_in(pipe, self.gateway_id, device_id))
@@ -532,7 +602,7 @@ class Mesh:
     async def _beat(self) -> None:
         ttl_ms = int(self.settings.cluster_gateway_ttl_s * 1000)
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.set(self.keys.gateway(self.gateway_id), f"alive {self._started}", px=ttl_ms)
+            pipe.set(self.keys.gateway(self.gateway_id), self._liveness, px=ttl_ms)
             pipe.sadd(self.keys.gateways, self.gateway_id)
             await pipe.execute()
 
@@ -587,9 +657,15 @@ class Mesh:
             if gateway not in alive:
                 await self._peer_died(gateway)
         self.peers_alive = alive
+        if self.links is not None:
+            self.links.keep_up(
+                {g: _link_address(flag) for g, flag in zip(candidates, flags, strict=True) if flag}
+            )
         return alive
 
     async def _peer_died(self, gateway: str) -> None:
+        if self.links is not None:
+            self.links.drop(gateway)
         held = self._peers.pop(gateway, set())
         if held or any(r.origin == gateway for r in self._relays.values()):
             log.warning(
@@ -655,6 +731,12 @@ class Mesh:
         """Waits for profile loads under way (tests)."""
         while self._background:
             await asyncio.gather(*list(self._background), return_exceptions=True)
+
+
+def _link_address(liveness: bytes | str) -> str:
+    """The link address a liveness value advertises ("" if none)."""
+    parts = _text(liveness).split(" ")
+    return parts[2] if len(parts) > 2 else ""
 
 
 def _text(value: bytes | str) -> str:
