@@ -13,7 +13,7 @@ import logging
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import insert
+from sqlalchemy import Boolean, DateTime, Table, insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from swarmgate.metrics import Metrics
@@ -68,16 +68,29 @@ def job_row(execution: Execution, created_at: datetime) -> dict[str, Any]:
 
 
 async def _insert_many_sqlite(
-    conn: AsyncConnection, table: str, rows: list[dict[str, Any]]
+    conn: AsyncConnection, table: Table, rows: list[dict[str, Any]]
 ) -> None:
     """One DBAPI executemany over plain tuples: per-row bind processing was a tenth of the
-    gateway's CPU per request. Values are stored the way SQLAlchemy's SQLite types do."""
+    gateway's CPU per request. Values are stored the way SQLAlchemy's SQLite types do; only
+    the columns whose type needs it (instants, flags) are converted. Every row has the
+    same keys in the same order (``job_row``, ``attempt_rows``)."""
     columns = list(rows[0])
     sql = (
-        f"INSERT INTO {table} ({', '.join(columns)}) "  # noqa: S608 - fixed table and columns
+        f"INSERT INTO {table.name} ({', '.join(columns)}) "  # noqa: S608 - fixed table and columns
         f"VALUES ({', '.join('?' for _ in columns)})"
     )
-    await conn.exec_driver_sql(sql, [tuple(sqlite_value(row[c]) for c in columns) for row in rows])
+    converted = [
+        index
+        for index, name in enumerate(columns)
+        if isinstance(table.c[name].type, DateTime | Boolean)
+    ]
+    values = []
+    for row in rows:
+        line = list(row.values())
+        for index in converted:
+            line[index] = sqlite_value(line[index])
+        values.append(tuple(line))
+    await conn.exec_driver_sql(sql, values)
 
 
 def _status(execution: Execution) -> str:
@@ -148,7 +161,7 @@ class JobLog:
                     if not rows:
                         continue
                     if conn.dialect.name == "sqlite":
-                        await _insert_many_sqlite(conn, table.name, rows)
+                        await _insert_many_sqlite(conn, table, rows)
                     else:
                         await conn.execute(insert(table), rows)
         except Exception:

@@ -25,10 +25,19 @@ def iso(value: datetime | None) -> str | None:
     return as_utc(value).isoformat() if value is not None else None
 
 
+def sqlite_datetime(value: datetime) -> str:
+    """An instant as SQLAlchemy's SQLite DateTime stores it: UTC, ``YYYY-MM-DD
+    HH:MM:SS.ffffff`` (``isoformat`` takes about half the time of ``astimezone`` and
+    ``strftime``, on every row of the job log)."""
+    if value.tzinfo is not UTC:
+        value = value.astimezone(UTC)
+    return value.isoformat(" ", "microseconds")[:26]
+
+
 def sqlite_value(value: Any) -> Any:
     """A Python value as SQLAlchemy's SQLite types store it, for raw DBAPI writes."""
     if isinstance(value, datetime):
-        return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
+        return sqlite_datetime(value)
     if isinstance(value, bool):
         return int(value)
     return value
