@@ -121,6 +121,9 @@ class GatewaySettings(BaseSettings):
     cluster_link_bind: str = "0.0.0.0"  # every interface: the other gateways connect
     cluster_link_host: str = ""  # empty: this machine's host name
     cluster_secret: str = ""
+    # A credit reservation in Redis lives this long unless its gateway renews it (every
+    # third of it while the request runs): a dead gateway's come back within this.
+    cluster_reservation_lease_s: float = Field(default=30.0, ge=1.0)
 
     # jobs
     job_log_flush_ms: int = 50

@@ -342,3 +342,42 @@ async def test_the_admin_cli_tops_up_a_busy_wallet(
         billing.void(h)
         await billing.drain_voids()
     assert (await network.b.balance(who.account_id)).available_micros == 3_000
+
+
+async def test_running_requests_keep_their_reservations_a_dead_gateways_expire(
+    network: Network,
+) -> None:
+    who = await developer(network.engine, credit=1_000)
+    lease = wallets_on(network.redis, network.prefix, ttl_s=1.0)
+    alive = Billing(network.engine, wallets=lease)
+    await alive.start()
+    try:
+        running = await hold(alive, who, 600, "job_long")
+        await asyncio.sleep(1.6)  # past the lease: renewed while the request runs
+        with pytest.raises(InsufficientCredits):
+            await hold(network.a, who, 600, "job_other")
+        dying = Billing(network.engine, wallets=lease)  # never started: it renews nothing
+        await hold(dying, who, 300, "job_orphan")
+        await asyncio.sleep(1.3)  # its gateway died; the lease runs out
+        taken = await hold(network.a, who, 400, "job_next")  # 1,000 - 600 running
+        alive.void(running)
+        network.a.void(taken)
+        await alive.drain_voids()
+        await network.a.drain_voids()
+    finally:
+        await alive.stop()
+    assert (await network.b.balance(who.account_id)).available_micros == 1_000
+
+
+async def test_a_wallet_is_loaded_again_after_an_entry_expired(
+    redis_client: Redis, redis_prefix: str
+) -> None:
+    """An entry that expires may be a change the ledger committed but the wallet never
+    saw (its gateway died in between): the wallet is re-read at its next quiet moment."""
+    wallets = wallets_on(redis_client, redis_prefix, ttl_s=0.2)
+    ledger = 1_000
+    assert (await wallets.reserve("acct_1", False, "job_1", 500, lambda: fixed(ledger))).ok
+    ledger -= 400  # the charge reached the ledger; the gateway died before applying it
+    await asyncio.sleep(0.3)
+    again = await wallets.reserve("acct_1", False, "job_2", 100, lambda: fixed(ledger))
+    assert (again.ok, again.available) == (True, 500)  # 600 in the ledger, less 100

@@ -23,6 +23,7 @@ by re-reading the balance before a request would be refused.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import time
@@ -160,6 +161,7 @@ class Billing:
         # the others reserve, so the wallets are in Redis.
         self.wallets = wallets
         self._applying: set[asyncio.Task[None]] = set()
+        self._renewing: asyncio.Task[None] | None = None
         self.ledger = Ledger(engine)
         self._share_bps = provider_share_bps
         self._hold_ttl_s = hold_ttl_s
@@ -178,10 +180,32 @@ class Billing:
         any wallet is loaded, so every balance read afterwards includes them."""
         await self.writer.recover()
         self.writer.start()
+        if self.wallets is not None:
+            self._renewing = asyncio.create_task(self._renew_loop(), name="reservation-leases")
 
     async def stop(self) -> None:
+        if self._renewing is not None:
+            self._renewing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._renewing
+            self._renewing = None
         await self.drain_voids()
         await self.writer.stop()
+
+    async def _renew_loop(self) -> None:
+        """Keeps the shared reservations of this gateway's running requests alive."""
+        assert self.wallets is not None
+        while True:
+            await asyncio.sleep(self.wallets.lease_s / 3)
+            running = [
+                (h.account_id, h.sandbox, h.job_id)
+                for h in self._open.values()
+                if h.wallet is None and not h.resolved
+            ]
+            try:
+                await self.wallets.renew(running)
+            except Exception as exc:
+                log.warning("renewing reservation leases failed: %s", type(exc).__name__)
 
     # -- balances -------------------------------------------------------------------------
     async def _read_book(self, book: str) -> int:

@@ -35,7 +35,7 @@ key                                type     what it holds; how long
 ``{p}wal:{{account}:{book}}:e``    hash     its open entries (reservations, markers):
                                             entry id -> micro-dollars; same TTL
 ``{p}wal:{{account}:{book}}:x``    zset     the entries' expiry (ms, Redis clock); an
-                                            entry lives ``request_timeout_s`` + 60 s
+                                            entry lives ``cluster_reservation_lease_s``
 ``{p}wal:{{account}:{book}}:g``    string   the wallet's generation, bumped by every
                                             change; same TTL
 =================================  =======  ===============================================

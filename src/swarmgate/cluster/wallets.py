@@ -50,7 +50,9 @@ from swarmgate.config import GatewaySettings
 log = logging.getLogger("swarmgate.cluster")
 
 # Shared by the scripts: the server's clock in milliseconds, and the sweep of entries
-# past their expiry (their amounts leave ``held``; the generation moves).
+# past their expiry (their amounts leave ``held``; the generation moves). An entry that
+# expires belonged to a gateway that died: the ledger may hold its change, so the wallet
+# is marked stale and loaded again at its next quiet moment.
 # KEYS: wallet hash, entries hash (id -> amount), expiry zset (id -> ms), generation.
 _PRELUDE = """
 local t = redis.call('TIME')
@@ -65,6 +67,7 @@ if #old > 0 then
   redis.call('ZREM', KEYS[3], unpack(old))
   if redis.call('EXISTS', KEYS[1]) == 1 then
     redis.call('HINCRBY', KEYS[1], 'held', 0 - freed)
+    redis.call('HSET', KEYS[1], 'stale', 1)
   end
   redis.call('INCR', KEYS[4])
 end
@@ -80,8 +83,9 @@ _OPEN = (
 local amount = tonumber(ARGV[2])
 local available = 0
 if ARGV[4] == '1' then
-  local w = redis.call('HMGET', KEYS[1], 'bal', 'held')
+  local w = redis.call('HMGET', KEYS[1], 'bal', 'held', 'stale')
   if not w[1] then return {-1, 0} end
+  if w[3] and redis.call('HLEN', KEYS[2]) == 0 then return {-1, 0} end
   available = tonumber(w[1]) - tonumber(w[2] or '0')
   if available < amount then return {0, available} end
   redis.call('HINCRBY', KEYS[1], 'held', amount)
@@ -130,6 +134,7 @@ local gen = redis.call('GET', KEYS[4]) or '0'
 if gen ~= ARGV[1] then return 0 end
 if redis.call('HLEN', KEYS[2]) > 0 then return 0 end
 redis.call('HSET', KEYS[1], 'bal', ARGV[2], 'held', 0)
+redis.call('HDEL', KEYS[1], 'stale')
 redis.call('EXPIRE', KEYS[1], idle)
 redis.call('INCR', KEYS[4])
 redis.call('EXPIRE', KEYS[4], idle)
@@ -137,12 +142,20 @@ return 1
 """
 )
 
-# Returns {bal, held}, or {} when the wallet is not loaded.
+# ARGV: entry id, ttl ms. Extends a live entry's lease (a request still running).
+_RENEW = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+return redis.call('ZADD', KEYS[1], 'XX', 'CH', now + tonumber(ARGV[2]), ARGV[1])
+"""
+
+# Returns {bal, held}, or {} when the wallet is not loaded (or stale, and quiet: load it).
 _READ = (
     _PRELUDE
     + """
-local w = redis.call('HMGET', KEYS[1], 'bal', 'held')
+local w = redis.call('HMGET', KEYS[1], 'bal', 'held', 'stale')
 if not w[1] then return {} end
+if w[3] and redis.call('HLEN', KEYS[2]) == 0 then return {} end
 return {tonumber(w[1]), tonumber(w[2] or '0')}
 """
 )
@@ -169,13 +182,12 @@ class Reserved:
 
 BalanceReader = Callable[[], Awaitable[int]]
 
-# What a request may take beyond its deadline to be settled.
-_SETTLE_MARGIN_S = 60.0
-
 
 def reservation_ttl_s(settings: GatewaySettings) -> float:
-    """How long an entry lives: a request's whole life, so only a dead gateway's expire."""
-    return settings.request_timeout_s + _SETTLE_MARGIN_S
+    """How long an entry lives unless renewed: the gateway that opened it renews the
+    reservations of its running requests every third of this, so only a dead gateway's
+    expire."""
+    return settings.cluster_reservation_lease_s
 
 
 class RedisWallets:
@@ -189,6 +201,8 @@ class RedisWallets:
         self._resolve: Any = redis.register_script(_RESOLVE)
         self._load: Any = redis.register_script(_LOAD)
         self._read: Any = redis.register_script(_READ)
+        self._renew: Any = redis.register_script(_RENEW)
+        self.lease_s = entry_ttl_s
 
     def _wallet_keys(self, account_id: str, sandbox: bool) -> list[str]:
         return self._keys.wallet(account_id, sandbox)
@@ -234,6 +248,19 @@ class RedisWallets:
             keys=self._wallet_keys(account_id, sandbox), args=[entry, moved, WALLET_IDLE_TTL_S]
         )
         return int(available) if int(loaded) == 1 else None
+
+    async def renew(self, entries: list[tuple[str, bool, str]]) -> None:
+        """Extends the leases of (account, sandbox, entry) still open, in one round trip."""
+        if not entries:
+            return
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for account_id, sandbox, entry in entries:
+                await self._renew(
+                    keys=[self._wallet_keys(account_id, sandbox)[2]],
+                    args=[entry, self._entry_ttl_ms],
+                    client=pipe,
+                )
+            await pipe.execute()
 
     async def load(self, account_id: str, sandbox: bool, read: BalanceReader) -> bool:
         """Re-reads the book from the ledger; True if it was stored (see the module)."""
