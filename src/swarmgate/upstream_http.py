@@ -3,10 +3,18 @@
 A cloud request is one POST with a JSON body, answered with JSON or a stream of server-
 sent events. A general-purpose client spent most of the gateway's CPU on such a request
 (building and checking a request object, pool bookkeeping, a line decoder, per-read
-timeouts that schedule a task); this one writes the request in one buffer, reads the
-head with one ``readuntil``, and hands the body over as it arrives — with a length, in
-chunks, or until the server closes. A connection whose answer was read to its end goes
-back to its origin's pool; one abandoned midway is closed.
+timeouts that schedule a task). Here each connection is a plain ``asyncio.Protocol``
+that keeps what it receives in one buffer: the request is written in one buffer, the
+answer's head is cut from the buffer, and the body is handed over in the pieces that
+arrived together — with a length, in chunks (``ChunkedDecoder``), or until the server
+closes. A streamed answer whose events arrive in one read is one piece, not one await
+per chunk. A connection whose answer was read to its end goes back to its origin's pool;
+one abandoned midway is closed.
+
+The deadline is one timer per connection rather than one per read: a wait for bytes
+fails once the upstream has sent nothing for ``timeout_s``; the timer is re-armed only
+when it fires while a later wait is still within its time. (A timer armed and cancelled
+for every read was the largest single cost of a streamed answer.)
 
 Failures are ``UpstreamHttpError`` (``UpstreamHttpTimeout`` for a deadline passed);
 ``upstreams.py`` turns them into the gateway's errors. A request sent on a pooled
@@ -17,16 +25,20 @@ more on a new connection, as other clients do.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from types import TracebackType
+from typing import cast
 from urllib.parse import urlsplit
 
 MAX_HEAD_BYTES = 64 * 1024
 MAX_LINE_BYTES = 1024 * 1024  # one server-sent event line
-READ_SIZE = 64 * 1024
-_CRLF = b"\r\n"
+# Received bytes beyond this stay in the kernel (reading pauses) until the answer's
+# reader has taken what is buffered.
+MAX_BUFFERED_BYTES = 1024 * 1024
+_MAX_CHUNK_LINE = 4096  # a chunk-size line with its extensions, or one trailer line
+_MAX_TARGETS = 1024  # parsed URLs kept per client
 
 
 class UpstreamHttpError(Exception):
@@ -58,90 +70,243 @@ class Origin:
         return cls(parts.scheme, parts.hostname, port, name), target, host_header
 
 
-@dataclass(eq=False, slots=True)
-class _Connection:
-    reader: asyncio.StreamReader
-    writer: asyncio.StreamWriter
-    reused: bool = False
+class ChunkedDecoder:
+    """A chunked body (RFC 9112, section 7.1) decoded from whatever part of it has
+    arrived: ``feed`` takes what it can from the front of the buffer and returns the body
+    bytes in it; ``done`` once the last chunk and the trailers were read."""
+
+    def __init__(self) -> None:
+        self.done = False
+        self._left = 0  # bytes of the current chunk still to come, its closing CRLF included
+        self._trailers = False
+
+    def feed(self, buffer: bytearray) -> bytes:
+        body: list[bytearray] = []
+        at, end = 0, len(buffer)
+        while at < end and not self.done:
+            if self._left:  # the rest of a chunk that arrived in parts
+                take = min(self._left, end - at)
+                data = min(take, self._left - 2)  # the closing CRLF is not body
+                if data > 0:
+                    body.append(buffer[at : at + data])
+                at += take
+                self._left -= take
+                continue
+            line_end = buffer.find(b"\r\n", at, at + _MAX_CHUNK_LINE)
+            if line_end < 0:
+                if end - at >= _MAX_CHUNK_LINE:
+                    raise UpstreamHttpError("the upstream sent an overlong chunk header")
+                break
+            line = buffer[at:line_end]
+            at = line_end + 2
+            if self._trailers:
+                self.done = not line  # an empty line ends the trailers
+                continue
+            size = _chunk_size(line)
+            if not size:
+                self._trailers = True
+            elif at + size + 2 <= end:  # the whole chunk is here
+                body.append(buffer[at : at + size])
+                at += size + 2
+            else:
+                self._left = size + 2
+        del buffer[:at]
+        return b"".join(body)
+
+
+def _chunk_size(line: bytearray) -> int:
+    """The size on a chunk's first line (hexadecimal, maybe followed by extensions)."""
+    try:
+        size = int(line, 16)
+    except ValueError:
+        try:
+            size = int(line.split(b";", 1)[0], 16)
+        except ValueError:
+            size = -1
+    if size < 0:
+        raise UpstreamHttpError(f"bad chunk size {bytes(line[:40])!r}")
+    return size
+
+
+class _Connection(asyncio.Protocol):
+    """One connection to an upstream: the bytes received and not yet taken are in
+    ``buffer``; ``receive`` waits for more."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, timeout_s: float) -> None:
+        self.loop = loop
+        self.timeout_s = timeout_s
+        self.buffer = bytearray()
+        self.closed = False  # the server closed its side, or the connection broke
+        self.error: Exception | None = None  # what broke it, if something did
+        self.reused = False
+        self._transport: asyncio.Transport | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._waiting_since = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self._writable: asyncio.Future[None] | None = None  # set while writing is paused
+        self._reading_paused = False
+
+    # -- asyncio's side ----------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        if len(self.buffer) > MAX_BUFFERED_BYTES and not self._reading_paused:
+            self._reading_paused = True
+            assert self._transport is not None
+            self._transport.pause_reading()
+        self._wake()
+
+    def eof_received(self) -> bool:
+        self.closed = True
+        self._wake()
+        return False  # the transport closes itself
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.error = exc
+        self._stop_timer()
+        self._wake()
+        self.resume_writing()
+
+    def pause_writing(self) -> None:
+        self._writable = self.loop.create_future()
+
+    def resume_writing(self) -> None:
+        writable, self._writable = self._writable, None
+        if writable is not None and not writable.done():
+            writable.set_result(None)
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # -- the client's side -------------------------------------------------------------
+    @property
+    def reusable(self) -> bool:
+        """Open, and with nothing received that no answer accounts for."""
+        transport = self._transport
+        return (
+            not self.closed
+            and not self.buffer
+            and transport is not None
+            and not transport.is_closing()
+        )
+
+    async def send(self, request: bytes) -> None:
+        transport = self._transport
+        assert transport is not None
+        if self.closed or transport.is_closing():
+            return  # the server is gone: reading the answer says so
+        transport.write(request)
+        if self._writable is not None:  # a large body the upstream is slow to take
+            try:
+                async with asyncio.timeout(self.timeout_s):
+                    await self._writable
+            except TimeoutError:
+                raise UpstreamHttpTimeout("the upstream did not take the request") from None
+
+    async def receive(self) -> None:
+        """Waits until more bytes arrive or the connection ends; ``UpstreamHttpTimeout``
+        once the upstream has sent nothing for ``timeout_s``."""
+        if self.closed:
+            return
+        if self._reading_paused:  # the reader took what was buffered
+            self._reading_paused = False
+            assert self._transport is not None
+            self._transport.resume_reading()
+        self._waiting_since = self.loop.time()
+        if self._timer is None:
+            self._timer = self.loop.call_at(self._waiting_since + self.timeout_s, self._expire)
+        waiter = self._waiter = self.loop.create_future()
+        try:
+            await waiter
+        finally:
+            self._waiter = None
+
+    def _expire(self) -> None:
+        self._timer = None
+        waiter = self._waiter
+        if waiter is None or waiter.done():
+            return  # nothing waits now: the next wait arms the timer again
+        due = self._waiting_since + self.timeout_s
+        if self.loop.time() < due:
+            self._timer = self.loop.call_at(due, self._expire)
+            return
+        waiter.set_exception(
+            UpstreamHttpTimeout(f"the upstream sent nothing for {self.timeout_s:g} s")
+        )
+
+    def _stop_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     def close(self) -> None:
-        self.writer.close()
+        self._stop_timer()
+        if self._transport is not None:
+            self._transport.close()
 
 
 class Response:
-    """An answer's status and headers; the body is read with ``read`` or ``lines``."""
+    """An answer's status and headers; the body is read with ``read``, ``chunks``,
+    ``lines`` or ``line_batches``."""
 
-    def __init__(
-        self,
-        status: int,
-        headers: dict[str, str],
-        reader: asyncio.StreamReader,
-        timeout_s: float,
-    ) -> None:
+    def __init__(self, status: int, headers: dict[str, str], connection: _Connection) -> None:
         self.status = status
         self.headers = headers
-        self._reader = reader
-        self._timeout_s = timeout_s
+        self._connection = connection
         encoding = headers.get("transfer-encoding", "").lower()
-        self._chunked = "chunked" in encoding
+        self._chunked = ChunkedDecoder() if "chunked" in encoding else None
         length = headers.get("content-length")
         self._left: int | None = None
-        if not self._chunked and length is not None:
+        if self._chunked is None and length is not None:
             if not length.strip().isdigit():
                 raise UpstreamHttpError(f"bad Content-Length {length!r}")
             self._left = int(length)
-        self._until_close = not self._chunked and self._left is None
+        self._until_close = self._chunked is None and self._left is None
         self.complete = self._left == 0
         self.keep_alive = headers.get("connection", "").lower() != "close"
 
+    def _take(self) -> bytes:
+        """The body bytes received and not yet taken; sets ``complete`` at the end."""
+        buffer = self._connection.buffer
+        if self._chunked is not None:
+            data = self._chunked.feed(buffer)
+            self.complete = self._chunked.done
+        elif self._left is not None:
+            data = bytes(buffer[: self._left])
+            del buffer[: len(data)]
+            self._left -= len(data)
+            self.complete = self._left == 0
+        else:
+            data = bytes(buffer)
+            buffer.clear()
+        return data
+
     async def chunks(self) -> AsyncIterator[bytes]:
-        """The body as it arrives; ``complete`` once its end was read."""
-        reader, timeout_s = self._reader, self._timeout_s
-        try:
-            if self._chunked:
-                while True:
-                    async with asyncio.timeout(timeout_s):
-                        size_line = await reader.readuntil(_CRLF)
-                    size_text = size_line.split(b";", 1)[0].strip()
-                    try:
-                        size = int(size_text, 16)
-                    except ValueError:
-                        raise UpstreamHttpError(f"bad chunk size {size_text!r}") from None
-                    if size == 0:
-                        async with asyncio.timeout(timeout_s):
-                            while await reader.readuntil(_CRLF) != _CRLF:
-                                pass  # trailers
-                        self.complete = True
-                        return
-                    async with asyncio.timeout(timeout_s):
-                        data = await reader.readexactly(size + 2)
-                    yield data[:-2]
-            elif self._left is not None:
-                while self._left > 0:
-                    async with asyncio.timeout(timeout_s):
-                        data = await reader.read(min(self._left, READ_SIZE))
-                    if not data:
-                        raise UpstreamHttpError("the upstream closed the connection mid-answer")
-                    self._left -= len(data)
-                    yield data
-                self.complete = True
-            else:
-                while True:
-                    async with asyncio.timeout(timeout_s):
-                        data = await reader.read(READ_SIZE)
-                    if not data:
-                        self.complete = True
-                        self.keep_alive = False
-                        return
-                    yield data
-        except TimeoutError:
-            raise UpstreamHttpTimeout("the upstream stopped sending") from None
-        except asyncio.IncompleteReadError:
-            raise UpstreamHttpError("the upstream closed the connection mid-answer") from None
-        except asyncio.LimitOverrunError:
-            raise UpstreamHttpError("the upstream sent an overlong chunk header") from None
-        except (OSError, ssl.SSLError) as exc:
-            raise UpstreamHttpError(f"reading the answer failed: {exc}") from exc
+        """The body in the pieces that arrived together; ``complete`` once its end was
+        read."""
+        connection = self._connection
+        while True:
+            data = self._take()
+            if data:
+                yield data
+            if self.complete:
+                return
+            if data:
+                continue  # more may have arrived while the piece was being used
+            if connection.closed:
+                if not self._until_close:
+                    detail = f": {connection.error}" if connection.error else ""
+                    raise UpstreamHttpError(
+                        f"the upstream closed the connection mid-answer{detail}"
+                    )
+                self.complete, self.keep_alive = True, False
+                return
+            await connection.receive()
 
     async def read(self, limit: int = 64 * 1024 * 1024) -> bytes:
         parts: list[bytes] = []
@@ -153,20 +318,80 @@ class Response:
             parts.append(chunk)
         return b"".join(parts)
 
-    async def lines(self) -> AsyncIterator[str]:
-        """The body's lines, decoded, without their line ends (for server-sent events)."""
+    async def line_batches(self) -> AsyncIterator[list[str]]:
+        """The body's lines, decoded, without their line ends, in lists of the lines that
+        arrived together (for server-sent events: handled as they came, not one by one)."""
         pending = b""
         async for chunk in self.chunks():
-            pending += chunk
-            if b"\n" not in chunk:
+            data = pending + chunk if pending else chunk
+            cut = data.rfind(b"\n") + 1
+            pending = data[cut:]
+            if not cut:
                 if len(pending) > MAX_LINE_BYTES:
                     raise UpstreamHttpError("the upstream sent an overlong line")
                 continue
-            *whole, pending = pending.split(b"\n")
-            for line in whole:
-                yield line.rstrip(b"\r").decode("utf-8", "replace")
+            # One decode for all the lines: a line end never falls inside a character.
+            yield _split_lines(data[:cut].decode("utf-8", "replace"))
         if pending:
-            yield pending.rstrip(b"\r").decode("utf-8", "replace")
+            yield _split_lines(pending.decode("utf-8", "replace") + "\n")
+
+    async def lines(self) -> AsyncIterator[str]:
+        """The body's lines, decoded, without their line ends, one at a time."""
+        async for batch in self.line_batches():
+            for line in batch:
+                yield line
+
+
+def _split_lines(text: str) -> list[str]:
+    """The lines of ``text``, which ends with a line end, without their line ends."""
+    lines = text.split("\n")
+    lines.pop()
+    if "\r" in text:
+        return [line.rstrip("\r") for line in lines]
+    return lines
+
+
+class _Exchange:
+    """What ``HttpClient.post`` returns: entered, the answer; left, the connection goes
+    back to the pool if the answer was read to its end, and is closed otherwise."""
+
+    __slots__ = ("_client", "_connection", "_origin", "_request", "_response")
+
+    def __init__(self, client: HttpClient, origin: Origin, request: bytes) -> None:
+        self._client = client
+        self._origin = origin
+        self._request = request
+        self._connection: _Connection | None = None
+        self._response: Response | None = None
+
+    async def __aenter__(self) -> Response:
+        client, origin = self._client, self._origin
+        connection = client.take_idle(origin) or await client.connect(origin)
+        try:
+            try:
+                response = await _exchange(connection, self._request)
+            except _StaleConnection:
+                connection.close()
+                connection = await client.connect(origin)
+                response = await _exchange(connection, self._request)
+        except BaseException:
+            connection.close()
+            raise
+        self._connection, self._response = connection, response
+        return response
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        connection, response = self._connection, self._response
+        assert connection is not None and response is not None
+        if exc_type is None and response.complete and response.keep_alive and connection.reusable:
+            self._client.release(self._origin, connection)
+        else:
+            connection.close()
 
 
 @dataclass
@@ -177,6 +402,7 @@ class HttpClient:
     connect_timeout_s: float
     max_idle_per_origin: int = 64
     _idle: dict[Origin, list[_Connection]] = field(default_factory=dict)
+    _targets: dict[tuple[str, str | None], tuple[Origin, str, str]] = field(default_factory=dict)
     _tls: ssl.SSLContext | None = None
 
     def _tls_context(self) -> ssl.SSLContext:
@@ -184,100 +410,69 @@ class HttpClient:
             self._tls = ssl.create_default_context()
         return self._tls
 
-    async def _connect(self, origin: Origin) -> _Connection:
+    async def connect(self, origin: Origin) -> _Connection:
+        loop = asyncio.get_running_loop()
         tls = self._tls_context() if origin.scheme == "https" else None
         try:
             async with asyncio.timeout(self.connect_timeout_s):
-                reader, writer = await asyncio.open_connection(
+                _transport, connection = await loop.create_connection(
+                    lambda: _Connection(loop, self.timeout_s),
                     origin.host,
                     origin.port,
                     ssl=tls,
                     server_hostname=origin.server_hostname if tls else None,
-                    limit=MAX_HEAD_BYTES,
                 )
         except TimeoutError:
             raise UpstreamHttpTimeout(f"connecting to {origin.host} timed out") from None
         except (OSError, ssl.SSLError) as exc:
             raise UpstreamHttpError(f"connecting to {origin.host} failed: {exc}") from exc
-        return _Connection(reader, writer)
+        return connection
 
-    def _take_idle(self, origin: Origin) -> _Connection | None:
+    def take_idle(self, origin: Origin) -> _Connection | None:
         idle = self._idle.get(origin)
         while idle:
             connection = idle.pop()
-            if not connection.reader.at_eof() and not connection.writer.is_closing():
+            if connection.reusable:
                 connection.reused = True
                 return connection
             connection.close()
         return None
 
-    def _release(self, origin: Origin, connection: _Connection) -> None:
+    def release(self, origin: Origin, connection: _Connection) -> None:
         idle = self._idle.setdefault(origin, [])
         if len(idle) >= self.max_idle_per_origin:
             connection.close()
         else:
             idle.append(connection)
 
-    @contextlib.asynccontextmanager
-    async def post(
+    def _target(self, url: str, server_hostname: str | None) -> tuple[Origin, str, str]:
+        """``Origin.of(url, server_hostname)``, parsed once per URL."""
+        key = (url, server_hostname)
+        found = self._targets.get(key)
+        if found is None:
+            found = Origin.of(url, server_hostname)
+            if len(self._targets) >= _MAX_TARGETS:
+                self._targets.clear()
+            self._targets[key] = found
+        return found
+
+    def post(
         self,
         url: str,
         body: bytes,
         headers: dict[str, str],
         *,
         server_hostname: str | None = None,
-    ) -> AsyncIterator[Response]:
-        """POSTs ``body``; the answer is the context's value. The connection goes back to
-        the pool if the answer was read to its end, and is closed otherwise."""
-        origin, target, host = Origin.of(url, server_hostname)
-        head = [f"POST {target} HTTP/1.1", f"Host: {headers.get('Host', host)}"]
-        head += [f"{k}: {v}" for k, v in headers.items() if k.lower() != "host"]
-        head += [f"Content-Length: {len(body)}", "", ""]
-        request = "\r\n".join(head).encode("latin-1") + body
-        connection = self._take_idle(origin) or await self._connect(origin)
-        try:
-            try:
-                response = await self._exchange(connection, request)
-            except _StaleConnection:
-                connection.close()
-                connection = await self._connect(origin)
-                response = await self._exchange(connection, request)
-        except BaseException:
-            connection.close()
-            raise
-        try:
-            yield response
-        except BaseException:
-            connection.close()
-            raise
-        if response.complete and response.keep_alive:
-            self._release(origin, connection)
-        else:
-            connection.close()
-
-    async def _exchange(self, connection: _Connection, request: bytes) -> Response:
-        reader, writer = connection.reader, connection.writer
-        try:
-            writer.write(request)
-            async with asyncio.timeout(self.timeout_s):
-                await writer.drain()
-                try:
-                    head = await reader.readuntil(b"\r\n\r\n")
-                except asyncio.IncompleteReadError as exc:
-                    if connection.reused and not exc.partial:
-                        raise _StaleConnection from None
-                    raise UpstreamHttpError("the upstream closed the connection") from None
-        except TimeoutError:
-            raise UpstreamHttpTimeout("the upstream did not answer in time") from None
-        except asyncio.LimitOverrunError:
-            raise UpstreamHttpError("the upstream's answer head is too long") from None
-        except ConnectionResetError as exc:
-            if connection.reused:
-                raise _StaleConnection from exc
-            raise UpstreamHttpError(f"the upstream reset the connection: {exc}") from exc
-        except (OSError, ssl.SSLError) as exc:
-            raise UpstreamHttpError(f"talking to the upstream failed: {exc}") from exc
-        return _parse_head(head, reader, self.timeout_s)
+    ) -> _Exchange:
+        """POSTs ``body``; ``async with`` the result gives the answer. The connection goes
+        back to the pool if the answer was read to its end, and is closed otherwise."""
+        origin, target, host = self._target(url, server_hostname)
+        head = f"POST {target} HTTP/1.1\r\nHost: {headers.get('Host', host)}\r\n"
+        for name, value in headers.items():
+            if name.lower() != "host":
+                head += f"{name}: {value}\r\n"
+        head += f"Content-Length: {len(body)}\r\n\r\n"
+        return _Exchange(self, origin, head.encode("latin-1") + body)
 
     async def aclose(self) -> None:
         for idle in self._idle.values():
@@ -290,7 +485,25 @@ class _StaleConnection(Exception):
     """A pooled connection the server had closed: nothing was answered on it."""
 
 
-def _parse_head(head: bytes, reader: asyncio.StreamReader, timeout_s: float) -> Response:
+async def _exchange(connection: _Connection, request: bytes) -> Response:
+    """Sends ``request`` and reads the answer's head."""
+    await connection.send(request)
+    buffer = connection.buffer
+    while (end := buffer.find(b"\r\n\r\n", 0, MAX_HEAD_BYTES)) < 0:
+        if len(buffer) >= MAX_HEAD_BYTES:
+            raise UpstreamHttpError("the upstream's answer head is too long")
+        if connection.closed:
+            if connection.reused and not buffer:
+                raise _StaleConnection
+            detail = f": {connection.error}" if connection.error else ""
+            raise UpstreamHttpError(f"the upstream closed the connection{detail}")
+        await connection.receive()
+    head = bytes(buffer[:end])
+    del buffer[: end + 4]
+    return _parse_head(head, connection)
+
+
+def _parse_head(head: bytes, connection: _Connection) -> Response:
     lines = head.decode("latin-1").split("\r\n")
     status_line = lines[0].split(" ", 2)
     if (
@@ -307,7 +520,7 @@ def _parse_head(head: bytes, reader: asyncio.StreamReader, timeout_s: float) -> 
         if not sep:
             raise UpstreamHttpError(f"bad header line {line[:80]!r}")
         headers[name.strip().lower()] = value.strip()
-    response = Response(int(status_line[1]), headers, reader, timeout_s)
+    response = Response(int(status_line[1]), headers, connection)
     if status_line[0] == "HTTP/1.0" and headers.get("connection", "").lower() != "keep-alive":
         response.keep_alive = False
     return response

@@ -9,6 +9,9 @@ the model's upstreams in order — with the account's own vault key for an upstr
 it has one — and fails over on rate limits, timeouts, server errors and refused keys;
 when all fail, the error of the last one says what went wrong.
 
+A streamed answer is relayed as it arrives: the upstream's chunks that arrive together
+(in one read) go on as one delta, so a fast upstream costs one event, not one per token.
+
 Usage comes from the upstream. When it reports none (or -1), the gateway counts tokens
 itself with ``estimate_tokens`` — an approximation, never a negative number.
 """
@@ -21,7 +24,7 @@ import logging
 import re
 import socket
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -337,28 +340,26 @@ class Upstreams:
                     if whole:
                         parts.append(whole)
                         yield Delta(type="delta", job_id=job_id, text=whole)
-                ended = False
-                async for line in resp.lines() if streamed else _no_lines():
-                    # Read to the end of the body even after [DONE]: only a connection
-                    # whose answer was read whole goes back to the pool.
-                    if ended or not line.startswith("data:"):
-                        continue
-                    data = line[5:].strip()
-                    if data == "[DONE]":
-                        ended = True
-                        continue
-                    chunk = orjson.loads(data)
-                    if not isinstance(chunk, dict):
-                        continue
-                    if isinstance(chunk.get("usage"), dict):
-                        usage = chunk["usage"]
-                    for choice in chunk.get("choices") or []:
-                        text = (choice.get("delta") or {}).get("content")
-                        if text:
+                else:
+                    ended = False
+                    async for lines in resp.line_batches():
+                        # Read to the end of the body even after [DONE]: only a connection
+                        # whose answer was read whole goes back to the pool.
+                        if ended:
+                            continue
+                        read = _read_chunks(lines)
+                        ended = read.ended
+                        if read.usage is not None:
+                            usage = read.usage
+                        if read.finish_reason is not None:
+                            finish = "length" if read.finish_reason == "length" else "stop"
+                        if read.pieces:
+                            # The chunks that arrived together go on as one delta.
+                            text = "".join(read.pieces)
                             parts.append(text)
-                            yield Delta(type="delta", job_id=job_id, text=text)
-                        if choice.get("finish_reason"):
-                            finish = "length" if choice["finish_reason"] == "length" else "stop"
+                            yield Delta(
+                                type="delta", job_id=job_id, text=text, tokens=len(read.pieces)
+                            )
         except UpstreamHttpTimeout as exc:
             raise UpstreamTimeout(
                 f"The cloud upstream '{upstream.name}' did not answer in time."
@@ -375,9 +376,38 @@ class Upstreams:
         )
 
 
-async def _no_lines() -> AsyncIterator[str]:
-    return
-    yield  # an async generator that yields nothing
+@dataclass(slots=True)
+class _ChunksRead:
+    """What some lines of a streamed chat completion said."""
+
+    pieces: list[str] = field(default_factory=list)  # the content, one piece per chunk
+    usage: dict[str, Any] | None = None  # the last usage reported
+    finish_reason: str | None = None  # the last finish reason given
+    ended: bool = False  # [DONE] was among the lines (those after it are not read)
+
+
+def _read_chunks(lines: list[str]) -> _ChunksRead:
+    """The chat-completion chunks in ``lines`` of server-sent events."""
+    read = _ChunksRead()
+    for line in lines:
+        if not line.startswith("data:"):
+            continue
+        data = line[5:].strip()
+        if data == "[DONE]":
+            read.ended = True
+            break
+        chunk = orjson.loads(data)
+        if not isinstance(chunk, dict):
+            continue
+        if isinstance(chunk.get("usage"), dict):
+            read.usage = chunk["usage"]
+        for choice in chunk.get("choices") or []:
+            text = (choice.get("delta") or {}).get("content")
+            if text and isinstance(text, str):
+                read.pieces.append(text)
+            if choice.get("finish_reason"):
+                read.finish_reason = choice["finish_reason"]
+    return read
 
 
 def _whole_answer(name: str, raw: bytes) -> tuple[str, str, dict[str, Any] | None]:

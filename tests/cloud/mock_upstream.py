@@ -27,8 +27,9 @@ class MockUpstream:
 
     Model names steer it: ``*rate-limited*`` → 429 with Retry-After 7, ``*down*`` → 503,
     ``*slow*`` → waits 5 s, ``*no-usage*`` → no usage in the answer, ``*minus-one*`` →
-    usage of -1, ``*json-only*`` → a whole JSON answer even when asked to stream. Keys
-    other than the accepted ones → 401.
+    usage of -1, ``*json-only*`` → a whole JSON answer even when asked to stream,
+    ``*burst*`` → every server-sent event of a stream in one write. Keys other than the
+    accepted ones → 401.
     """
 
     name: str
@@ -89,17 +90,22 @@ class MockUpstream:
                 }
             )
 
+        frames = [
+            b"data: " + orjson.dumps({"choices": [{"index": 0, "delta": {"content": piece}}]})
+            for piece in pieces
+        ]
+        final = {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
+        frames.append(b"data: " + orjson.dumps(final))
+        if usage is not None:
+            frames.append(b"data: " + orjson.dumps({"choices": [], "usage": usage}))
+        frames.append(b"data: [DONE]")
+
         async def events() -> AsyncIterator[bytes]:
-            for piece in pieces:
-                chunk = {"choices": [{"index": 0, "delta": {"content": piece}}]}
-                yield b"data: " + orjson.dumps(chunk) + b"\n\n"
-            final: dict[str, Any] = {
-                "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]
-            }
-            yield b"data: " + orjson.dumps(final) + b"\n\n"
-            if usage is not None:
-                yield b"data: " + orjson.dumps({"choices": [], "usage": usage}) + b"\n\n"
-            yield b"data: [DONE]\n\n"
+            if "burst" in model:
+                yield b"".join(frame + b"\n\n" for frame in frames)
+                return
+            for frame in frames:
+                yield frame + b"\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream")
 

@@ -49,6 +49,7 @@ def write_catalog(path: Path) -> Path:
         cloud_model("hybrid-m", "hybrid", ("alpha", "fine")),
         cloud_model("cloud-json-only", "cloud", ("alpha", "json-only")),
         cloud_model("cloud-no-stream", "cloud", ("plain", "fine")),
+        cloud_model("cloud-burst", "cloud", ("alpha", "burst")),
     ]
     path.write_bytes(orjson.dumps({"models": models}))
     return path
@@ -320,6 +321,38 @@ async def test_upstreams_that_do_not_stream(
     # A client that does not stream gets a whole answer asked of any upstream; a streaming
     # one is streamed from an upstream that can.
     assert sent == ([False, False] if model == "cloud-no-stream" else [False, True])
+
+
+async def test_a_stream_that_arrives_in_one_read_is_relayed_whole_and_charged_once(
+    cloud: LiveGateway, upstreams: tuple[MockUpstream, MockUpstream]
+) -> None:
+    """The upstream's chunks that arrive together go to the client as one content chunk:
+    the text in order, then the finish reason, usage and [DONE]; one charge, at the
+    upstream's usage."""
+    _, key = await cloud.developer_key()
+    async with cloud.client(key) as client:
+        streamed = await client.post(
+            "/v1/chat/completions",
+            json=chat("cloud-burst", stream=True, stream_options={"include_usage": True}),
+        )
+    assert streamed.status_code == 200, streamed.text
+    assert streamed.text.endswith("data: [DONE]\n\n")
+    events = sse(streamed.text)
+    *chunks, closing, usage, done = events
+    assert done == "[DONE]"
+    assert [c["choices"][0]["delta"] for c in chunks] == [
+        {"role": "assistant", "content": "alpha says: hello there"}
+    ]
+    assert closing["choices"][0]["finish_reason"] == "stop"
+    assert closing["swarmgate"]["inference_type"] == "cloud"
+    assert usage["usage"] == {"prompt_tokens": 11, "completion_tokens": 4, "total_tokens": 15}
+    assert {e["id"] for e in events if isinstance(e, dict)} == {chunks[0]["id"]}
+    await cloud.gateway.billing.writer.posted()
+    async with cloud.gateway.engine.connect() as db:
+        rows = (await db.execute(select(charges).where(charges.c.job_id == chunks[0]["id"]))).all()
+    assert len(rows) == 1
+    assert rows[0].cost_micros == job_cost_micros(Pricing(**PRICE), 11, 4)
+    assert upstreams[0].requests[-1]["stream"] is True
 
 
 async def test_a_vault_base_url_is_called_at_the_address_that_was_checked(

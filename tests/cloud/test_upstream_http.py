@@ -10,7 +10,13 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from swarmgate.upstream_http import HttpClient, UpstreamHttpError, UpstreamHttpTimeout
+from swarmgate.upstream_http import (
+    MAX_BUFFERED_BYTES,
+    ChunkedDecoder,
+    HttpClient,
+    UpstreamHttpError,
+    UpstreamHttpTimeout,
+)
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter, "Server"], Awaitable[None]]
 
@@ -141,11 +147,23 @@ async def test_a_body_that_ends_with_the_connection_is_read_and_not_pooled() -> 
 
 
 async def test_an_answer_abandoned_midway_closes_its_connection() -> None:
-    async with serving(chunked) as server:
+    async def in_two_parts(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, server: Server
+    ) -> None:
+        if len(server.requests) > 1:
+            await chunked(reader, writer, server)
+            return
+        head = "HTTP/1.1 200 OK\nContent-Type: text/event-stream\nTransfer-Encoding: chunked\n"
+        await answer(writer, head, b"b\r\ndata: one\n\n\r\n")
+        await asyncio.sleep(0.2)  # the rest comes later: the client has left by then
+        writer.write(b"0\r\n\r\n")
+
+    async with serving(in_two_parts) as server:
         http = client()
         async with http.post(server.url, b"{}", {}) as resp:
             async for _line in resp.lines():
                 break
+            assert not resp.complete
         async with http.post(server.url, b"{}", {}) as resp:
             assert [line async for line in resp.lines() if line][-1] == "data: [DONE]"
         await http.aclose()
@@ -258,3 +276,113 @@ async def test_a_new_connection_dropped_without_an_answer_is_an_error() -> None:
                 pass
         await http.aclose()
     assert len(server.requests) == 1  # never sent twice on a connection of its own
+
+
+async def test_a_stream_that_keeps_sending_is_not_a_timeout() -> None:
+    """The deadline is for silence, not for the whole answer."""
+
+    async def steady(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _s: Server
+    ) -> None:
+        head = "HTTP/1.1 200 OK\nContent-Type: text/event-stream\nTransfer-Encoding: chunked\n"
+        await answer(writer, head)
+        for n in range(6):
+            event = f"data: {n}\n\n".encode()
+            writer.write(f"{len(event):x}\r\n".encode() + event + b"\r\n")
+            await writer.drain()
+            await asyncio.sleep(0.1)
+        writer.write(b"0\r\n\r\n")
+
+    async with serving(steady) as server:
+        http = client(timeout_s=0.3)
+        async with http.post(server.url, b"{}", {}) as resp:
+            lines = [line async for line in resp.lines() if line]
+        await http.aclose()
+    assert lines == [f"data: {n}" for n in range(6)]
+
+
+async def test_lines_that_arrive_together_come_as_one_batch() -> None:
+    async def two_reads(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _s: Server
+    ) -> None:
+        # "é" (two bytes) split between the reads; CRLF line ends in the first.
+        first, second = b"data: 1\r\n\r\ndata: caf\xc3", b"\xa9\n\ndata: [DONE]\n\n"
+        await answer(writer, f"HTTP/1.1 200 OK\nContent-Length: {len(first + second)}\n")
+        writer.write(first)
+        await writer.drain()
+        await asyncio.sleep(0.1)
+        writer.write(second)
+
+    async with serving(two_reads) as server:
+        http = client()
+        async with http.post(server.url, b"{}", {}) as resp:
+            batches = [batch async for batch in resp.line_batches()]
+            assert resp.complete
+        await http.aclose()
+    assert batches == [["data: 1", ""], ["data: café", "", "data: [DONE]", ""]]
+
+
+def chunked_body(pieces: list[bytes], trailer: bytes = b"") -> bytes:
+    return b"".join(f"{len(p):x}\r\n".encode() + p + b"\r\n" for p in pieces) + (
+        b"0\r\n" + trailer + b"\r\n"
+    )
+
+
+PIECES = [b"data: one\n\n", b"x" * 300, b"data: two\r\n\r\n", b"\xc3\xa9"]
+
+
+@pytest.mark.parametrize("step", [1, 2, 3, 7, 16, 100, 10_000])
+def test_a_chunked_body_decodes_however_it_is_split(step: int) -> None:
+    raw = chunked_body(PIECES, b"X-Trailer: yes\r\n") + b"NEXT"
+    decoder = ChunkedDecoder()
+    buffer = bytearray()
+    body = b""
+    for at in range(0, len(raw), step):
+        buffer += raw[at : at + step]
+        body += decoder.feed(buffer)
+        if decoder.done:
+            break
+    assert decoder.done
+    assert body == b"".join(PIECES)
+    assert bytes(buffer) == raw[raw.index(b"NEXT") : at + step]  # what follows is left alone
+
+
+def test_chunk_extensions_are_ignored() -> None:
+    decoder = ChunkedDecoder()
+    buffer = bytearray(b"5;name=value\r\nhello\r\n0\r\n\r\n")
+    assert decoder.feed(buffer) == b"hello"
+    assert decoder.done and not buffer
+
+
+@pytest.mark.parametrize("raw", [b"zz\r\n", b"-5\r\nhello\r\n", b";ext\r\n", b"1" * 5000])
+def test_a_bad_chunk_header_is_an_error(raw: bytes) -> None:
+    with pytest.raises(UpstreamHttpError):
+        ChunkedDecoder().feed(bytearray(raw))
+
+
+@pytest.mark.parametrize("framing", ["length", "chunked"])
+async def test_a_body_larger_than_the_receive_buffer_is_read_whole(framing: str) -> None:
+    """Reading pauses while more than MAX_BUFFERED_BYTES wait, and resumes as they are
+    taken."""
+    body = bytes(range(256)) * (3 * MAX_BUFFERED_BYTES // 256 + 7)
+
+    async def large(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, _s: Server) -> None:
+        if framing == "length":
+            await answer(writer, f"HTTP/1.1 200 OK\nContent-Length: {len(body)}\n", body)
+            return
+        step = 100_000
+        pieces = [body[at : at + step] for at in range(0, len(body), step)]
+        await answer(writer, "HTTP/1.1 200 OK\nTransfer-Encoding: chunked\n", chunked_body(pieces))
+
+    async with serving(large) as server:
+        http = client()
+        for _ in range(2):
+            async with http.post(server.url, b"{}", {}) as resp:
+                received = b""
+                async for piece in resp.chunks():
+                    if not received:
+                        await asyncio.sleep(0.2)  # a slow reader: the rest piles up meanwhile
+                    received += piece
+                assert received == body
+        await http.aclose()
+    assert server.connections == 1

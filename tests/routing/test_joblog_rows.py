@@ -78,7 +78,7 @@ async def test_raw_rows_read_back_like_rows_written_by_sqlalchemy(tmp_path: Path
     finally:
         await engine.dispose()
     raw, orm = rows["job_raw"], rows["job_orm"]
-    columns = [c for c in jobs.c.keys() if c != "id"]
+    columns = [c.name for c in jobs.columns if c.name != "id"]
     assert [getattr(raw, c) for c in columns] == [getattr(orm, c) for c in columns]
     assert raw.stream is True and rows["job_raw2"].stream is False
     assert raw.started_at.replace(tzinfo=UTC) == when + timedelta(microseconds=7)
