@@ -20,17 +20,31 @@ Failures are ``UpstreamHttpError`` (``UpstreamHttpTimeout`` for a deadline passe
 ``upstreams.py`` turns them into the gateway's errors. A request sent on a pooled
 connection that the server had already closed (it answers nothing at all) is sent once
 more on a new connection, as other clients do.
+
+Proxies are taken from the environment when a client is made, and never again, as
+urllib's ``getproxies_environment`` reads them (a lowercase name wins over its uppercase
+one): ``https_proxy``, ``http_proxy``, ``all_proxy`` for a scheme that has neither, and
+``no_proxy``, matched as urllib matches it (``bypasses_proxy``). Which proxy, if any, a
+URL goes through is decided when the URL is first parsed, so a request costs the same dict
+lookup with or without one. An https URL goes through a tunnel (``CONNECT host:port``,
+then TLS with the upstream over it); an http URL is sent to the proxy in absolute form.
+Connections are pooled per origin and proxy, a tunnelled one like any other. Only
+``http://`` proxies are spoken to.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import dataclasses
+import re
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import cast
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
+from urllib.request import getproxies_environment
 
 MAX_HEAD_BYTES = 64 * 1024
 MAX_LINE_BYTES = 1024 * 1024  # one server-sent event line
@@ -39,6 +53,7 @@ MAX_LINE_BYTES = 1024 * 1024  # one server-sent event line
 MAX_BUFFERED_BYTES = 1024 * 1024
 _MAX_CHUNK_LINE = 4096  # a chunk-size line with its extensions, or one trailer line
 _MAX_TARGETS = 1024  # parsed URLs kept per client
+_HOST_PORT = re.compile(r"(.*):[0-9]*", re.DOTALL)  # as urllib splits a port off
 
 
 class UpstreamHttpError(Exception):
@@ -50,11 +65,115 @@ class UpstreamHttpTimeout(UpstreamHttpError):
 
 
 @dataclass(frozen=True, slots=True)
+class Proxy:
+    """An HTTP proxy, and the ``Proxy-Authorization`` line for the credentials in its URL
+    (kept out of ``repr`` and of every message: ``address`` names the proxy)."""
+
+    host: str
+    port: int
+    authorization: str = field(default="", repr=False)  # a header line, or ""
+
+    @classmethod
+    def from_url(cls, url: str, variable: str) -> Proxy:
+        """The proxy at ``url`` (``http://[user:password@]host[:port]``; without a scheme,
+        http), which ``variable`` names; ``UpstreamHttpError`` for one this client cannot
+        use. No message repeats the URL: it may hold a password."""
+        parts = urlsplit(url if "://" in url else f"http://{url}")
+        scheme = parts.scheme.lower()
+        if scheme != "http":
+            raise UpstreamHttpError(
+                f"{variable} names a proxy at {scheme}://; only http:// proxies are supported "
+                "(an https:// proxy URL asks for TLS to the proxy itself)"
+            )
+        try:
+            port = parts.port or 80
+        except ValueError:
+            raise UpstreamHttpError(f"{variable} has a bad port") from None
+        if not parts.hostname:
+            raise UpstreamHttpError(f"{variable} names no host")
+        authorization = ""
+        if parts.username:
+            user_pass = f"{unquote(parts.username)}:{unquote(parts.password or '')}"
+            token = base64.b64encode(user_pass.encode()).decode("ascii")
+            authorization = f"Proxy-Authorization: Basic {token}\r\n"
+        return cls(parts.hostname, port, authorization)
+
+    @property
+    def address(self) -> str:
+        return f"{_bracketed(self.host)}:{self.port}"
+
+    def tunnel_request(self, origin: Origin) -> bytes:
+        authority = f"{_bracketed(origin.host)}:{origin.port}"
+        return (
+            f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n{self.authorization}\r\n"
+        ).encode("latin-1")
+
+
+def _bracketed(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def bypasses_proxy(host: str, no_proxy: str) -> bool:
+    """Whether ``host`` (a URL's host, with ``:port`` when the URL names one) is listed in
+    ``no_proxy``, as urllib's ``proxy_bypass_environment`` decides: ``*`` alone lists every
+    host; otherwise each comma-separated entry, a leading dot or not, lists that name and
+    the names under it, and one with ``:port`` only that port. Nothing is listed
+    implicitly — not localhost nor 127.0.0.1 — and entries are names, not address ranges."""
+    if no_proxy == "*":
+        return True
+    host = host.lower()
+    with_port = _HOST_PORT.fullmatch(host)
+    host_only = with_port[1] if with_port else host
+    for entry in no_proxy.split(","):
+        entry = entry.strip()
+        if not entry:
+            continue
+        entry = entry.lstrip(".").lower()
+        if entry in (host_only, host):
+            return True
+        entry = "." + entry
+        if host_only.endswith(entry) or host.endswith(entry):
+            return True
+    return False
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyRoutes:
+    """Which proxy a URL goes through, from a mapping shaped like urllib's
+    ``getproxies()`` (``{"https": url, "http": url, "all": url, "no": hosts}``)."""
+
+    http: Proxy | None = None
+    https: Proxy | None = None
+    no_proxy: str | None = None
+
+    @classmethod
+    def from_mapping(cls, proxies: Mapping[str, str]) -> ProxyRoutes:
+        def pick(scheme: str) -> Proxy | None:
+            for key in (scheme, "all"):
+                if proxies.get(key):
+                    return Proxy.from_url(proxies[key], f"{key.upper()}_PROXY")
+            return None
+
+        return cls(http=pick("http"), https=pick("https"), no_proxy=proxies.get("no") or None)
+
+    def proxy_for(self, scheme: str, host: str) -> Proxy | None:
+        """The proxy for a URL of ``scheme`` on ``host`` (``host[:port]``), or None:
+        direct."""
+        proxy = self.https if scheme == "https" else self.http
+        if proxy is None or (self.no_proxy is not None and bypasses_proxy(host, self.no_proxy)):
+            return None
+        return proxy
+
+
+@dataclass(frozen=True, slots=True)
 class Origin:
     scheme: str
-    host: str  # what to connect to: a name, or the address a guard checked
+    # What to connect to — a name, or the address a guard checked — or, through a proxy,
+    # what the proxy is asked to connect to.
+    host: str
     port: int
     server_hostname: str | None  # TLS: the name the certificate must carry
+    proxy: Proxy | None = None  # the connection is to this proxy
 
     @classmethod
     def of(cls, url: str, server_hostname: str | None = None) -> tuple[Origin, str, str]:
@@ -244,6 +363,16 @@ class _Connection(asyncio.Protocol):
             self._timer.cancel()
             self._timer = None
 
+    async def start_tls(self, tls: ssl.SSLContext, server_hostname: str | None) -> None:
+        """TLS from here on, over what is now a proxy's tunnel."""
+        assert self._transport is not None
+        transport = await self.loop.start_tls(
+            self._transport, self, tls, server_hostname=server_hostname
+        )
+        if transport is None:  # the connection closed during the handshake
+            raise UpstreamHttpError("the connection closed during the TLS handshake")
+        self._transport = transport
+
     def close(self) -> None:
         self._stop_timer()
         if self._transport is not None:
@@ -394,23 +523,39 @@ class _Exchange:
             connection.close()
 
 
+# An origin, the request target (origin form, or absolute form for a proxy), the Host
+# header, and the lines a proxy needs in the request (or "").
+_Target = tuple[Origin, str, str, str]
+
+
 @dataclass
 class HttpClient:
-    """Keep-alive HTTP/1.1 connections, pooled per origin, for one upstream's calls."""
+    """Keep-alive HTTP/1.1 connections, pooled per origin, for one upstream's calls.
+
+    ``tls_context``: None for the system's trusted certificates. ``proxies``: shaped like
+    urllib's ``getproxies()``; None reads the environment's, here and only here."""
 
     timeout_s: float
     connect_timeout_s: float
     max_idle_per_origin: int = 64
+    tls_context: ssl.SSLContext | None = None
+    proxies: Mapping[str, str] | None = field(default=None, repr=False)
     _idle: dict[Origin, list[_Connection]] = field(default_factory=dict)
-    _targets: dict[tuple[str, str | None], tuple[Origin, str, str]] = field(default_factory=dict)
-    _tls: ssl.SSLContext | None = None
+    _targets: dict[tuple[str, str | None], _Target] = field(default_factory=dict)
+    _routes: ProxyRoutes = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        proxies = getproxies_environment() if self.proxies is None else self.proxies
+        self._routes = ProxyRoutes.from_mapping(proxies)
 
     def _tls_context(self) -> ssl.SSLContext:
-        if self._tls is None:
-            self._tls = ssl.create_default_context()
-        return self._tls
+        if self.tls_context is None:
+            self.tls_context = ssl.create_default_context()
+        return self.tls_context
 
     async def connect(self, origin: Origin) -> _Connection:
+        if origin.proxy is not None:
+            return await self._connect_through(origin.proxy, origin)
         loop = asyncio.get_running_loop()
         tls = self._tls_context() if origin.scheme == "https" else None
         try:
@@ -426,6 +571,30 @@ class HttpClient:
             raise UpstreamHttpTimeout(f"connecting to {origin.host} timed out") from None
         except (OSError, ssl.SSLError) as exc:
             raise UpstreamHttpError(f"connecting to {origin.host} failed: {exc}") from exc
+        return connection
+
+    async def _connect_through(self, proxy: Proxy, origin: Origin) -> _Connection:
+        """A connection to ``proxy``, tunnelled to ``origin`` when that is https. The deadline
+        covers the proxy's answer to CONNECT and the TLS handshake too."""
+        loop = asyncio.get_running_loop()
+        connection: _Connection | None = None
+        where = f"{origin.host} through the proxy {proxy.address}"
+        try:
+            async with asyncio.timeout(self.connect_timeout_s):
+                _transport, connection = await loop.create_connection(
+                    lambda: _Connection(loop, self.timeout_s), proxy.host, proxy.port
+                )
+                if origin.scheme == "https":
+                    await _open_tunnel(connection, proxy, origin)
+                    await connection.start_tls(self._tls_context(), origin.server_hostname)
+        except BaseException as exc:
+            if connection is not None:
+                connection.close()
+            if isinstance(exc, TimeoutError):
+                raise UpstreamHttpTimeout(f"connecting to {where} timed out") from None
+            if isinstance(exc, OSError):  # ssl.SSLError included
+                raise UpstreamHttpError(f"connecting to {where} failed: {exc}") from exc
+            raise
         return connection
 
     def take_idle(self, origin: Origin) -> _Connection | None:
@@ -445,16 +614,28 @@ class HttpClient:
         else:
             idle.append(connection)
 
-    def _target(self, url: str, server_hostname: str | None) -> tuple[Origin, str, str]:
-        """``Origin.of(url, server_hostname)``, parsed once per URL."""
+    def _target(self, url: str, server_hostname: str | None) -> _Target:
+        """Where ``url`` goes, worked out once per URL."""
         key = (url, server_hostname)
         found = self._targets.get(key)
         if found is None:
-            found = Origin.of(url, server_hostname)
+            found = self._route(url, server_hostname)
             if len(self._targets) >= _MAX_TARGETS:
                 self._targets.clear()
             self._targets[key] = found
         return found
+
+    def _route(self, url: str, server_hostname: str | None) -> _Target:
+        """``Origin.of(url, server_hostname)``, through the proxy the environment names for
+        it. NO_PROXY is matched against the URL's host (and port, when it names one)."""
+        origin, target, host = Origin.of(url, server_hostname)
+        proxy = self._routes.proxy_for(origin.scheme, host)
+        if proxy is None:
+            return origin, target, host, ""
+        origin = dataclasses.replace(origin, proxy=proxy)
+        if origin.scheme == "https":  # the proxy sees only the CONNECT
+            return origin, target, host, ""
+        return origin, f"http://{host}{target}", host, proxy.authorization
 
     def post(
         self,
@@ -466,8 +647,8 @@ class HttpClient:
     ) -> _Exchange:
         """POSTs ``body``; ``async with`` the result gives the answer. The connection goes
         back to the pool if the answer was read to its end, and is closed otherwise."""
-        origin, target, host = self._target(url, server_hostname)
-        head = f"POST {target} HTTP/1.1\r\nHost: {headers.get('Host', host)}\r\n"
+        origin, target, host, for_proxy = self._target(url, server_hostname)
+        head = f"POST {target} HTTP/1.1\r\nHost: {headers.get('Host', host)}\r\n{for_proxy}"
         for name, value in headers.items():
             if name.lower() != "host":
                 head += f"{name}: {value}\r\n"
@@ -501,6 +682,35 @@ async def _exchange(connection: _Connection, request: bytes) -> Response:
     head = bytes(buffer[:end])
     del buffer[: end + 4]
     return _parse_head(head, connection)
+
+
+async def _open_tunnel(connection: _Connection, proxy: Proxy, origin: Origin) -> None:
+    """Asks ``proxy`` for a tunnel to ``origin``; returns once it answered 2xx."""
+    await connection.send(proxy.tunnel_request(origin))
+    buffer = connection.buffer
+    while (end := buffer.find(b"\r\n\r\n", 0, MAX_HEAD_BYTES)) < 0:
+        if len(buffer) >= MAX_HEAD_BYTES:
+            raise UpstreamHttpError(f"the proxy {proxy.address}'s answer head is too long")
+        if connection.closed:
+            raise UpstreamHttpError(f"the proxy {proxy.address} closed the connection")
+        await connection.receive()
+    status_line = bytes(buffer[: buffer.find(b"\r\n")]).split(b" ", 2)
+    del buffer[: end + 4]
+    if (
+        len(status_line) < 2
+        or not status_line[0].startswith(b"HTTP/1.")
+        or not status_line[1].isdigit()
+    ):
+        raise UpstreamHttpError(f"the proxy {proxy.address} did not answer in HTTP/1.1")
+    status = int(status_line[1])
+    if not 200 <= status < 300:
+        hint = " (it wants credentials, or refused those given)" if status == 407 else ""
+        raise UpstreamHttpError(
+            f"the proxy {proxy.address} refused a tunnel to "
+            f"{_bracketed(origin.host)}:{origin.port}: HTTP {status}{hint}"
+        )
+    if buffer:  # a 2xx answer to CONNECT has no body: nothing may come before TLS
+        raise UpstreamHttpError(f"the proxy {proxy.address} sent bytes after its answer")
 
 
 def _parse_head(head: bytes, connection: _Connection) -> Response:

@@ -321,6 +321,11 @@ class Upstreams:
             headers["Authorization"] = f"Bearer {api_key}"
         server_hostname: str | None = None
         if base_url:  # a developer's own base URL: only to the public address checked
+            # Behind a proxy (HTTPS_PROXY and the like) the gateway connects to the proxy
+            # and asks it for this checked address (CONNECT address:port, or an absolute
+            # http://address/ target), so the check still bounds where the call goes — by
+            # what the gateway's resolver says of the name, not the proxy's. NO_PROXY is
+            # then matched against the address, not the name.
             pinned = await self.guard.pin(url)
             url, server_hostname = pinned.url, pinned.extensions.get("sni_hostname")
             headers["Host"] = pinned.host
@@ -365,6 +370,11 @@ class Upstreams:
                 f"The cloud upstream '{upstream.name}' did not answer in time."
             ) from exc
         except (UpstreamHttpError, orjson.JSONDecodeError) as exc:
+            if isinstance(exc, UpstreamHttpError):
+                # For the operator (a refused proxy tunnel, a connection refused): the
+                # client's own message names no address. The text is the client's own,
+                # with at most a status or header line quoted; never a body.
+                log.warning("the cloud upstream %s failed: %s", upstream.name, exc)
             raise UpstreamError(
                 f"The cloud upstream '{upstream.name}' failed: {type(exc).__name__}."
             ) from exc
