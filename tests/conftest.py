@@ -26,6 +26,7 @@ from swarmgate.gateway import Gateway
 from swarmgate.node.agent import NodeAgent
 from swarmgate.node.backends.sim import SimBackend, SimConfig
 from swarmgate.protocol import DeviceFacts
+from swarmgate.tracing import Tracing
 
 MODEL = "smollm2-135m-instruct-q4_1"
 ADMIN_TOKEN = "test-admin-token-0123456789"
@@ -182,9 +183,10 @@ class LiveGateway:
         self.agents.clear()
 
 
-async def start_gateway(settings: GatewaySettings) -> LiveGateway:
+async def start_gateway(settings: GatewaySettings, tracing: Tracing | None = None) -> LiveGateway:
+    """``tracing``: where the gateway's spans go (None: as the settings say)."""
     gateway = Gateway(settings)
-    app = create_asgi_app(settings, gateway)
+    app = create_asgi_app(settings, gateway, tracing)
     config = uvicorn.Config(
         app,
         host="127.0.0.1",

@@ -125,6 +125,13 @@ class GatewaySettings(BaseSettings):
     # third of it while the request runs): a dead gateway's come back within this.
     cluster_reservation_lease_s: float = Field(default=30.0, ge=1.0)
 
+    # tracing: OpenTelemetry spans over OTLP/HTTP, off unless an endpoint is set (needs the
+    # `otel` extra). The traces URL itself, e.g. http://collector:4318/v1/traces.
+    otel_endpoint: str = ""
+    otel_service_name: str = Field(default="swarmgate-gateway", min_length=1)
+    # Share of new traces recorded; a caller's traceparent decides for its own trace.
+    otel_sample_ratio: float = Field(default=1.0, ge=0.0, le=1.0)
+
     # jobs
     job_log_flush_ms: int = 50
     key_cache_ttl_s: float = 30.0
@@ -201,6 +208,11 @@ class GatewaySettings(BaseSettings):
             raise ValueError(
                 "SWARMGATE_CLUSTER_GATEWAY_TTL_S must be at least twice "
                 "SWARMGATE_CLUSTER_LIVENESS_INTERVAL_S"
+            )
+        if self.otel_endpoint and not self.otel_endpoint.startswith(("http://", "https://")):
+            raise ValueError(
+                "SWARMGATE_OTEL_ENDPOINT must be an http(s) URL, such as "
+                "http://collector:4318/v1/traces"
             )
         names = [u.name for u in self.upstreams]
         if len(names) != len(set(names)):

@@ -13,6 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 if TYPE_CHECKING:
     from swarmgate.cluster.mesh import Mesh
     from swarmgate.cluster.wallets import RedisWallets
+    from swarmgate.tracing import Tracing
     from swarmgate.trust.attestation import NonceBook, Verifier
 
 from swarmgate.accounts.jwt_auth import JwtVerifier
@@ -168,6 +169,8 @@ class Gateway:
         # Device handshakes' database work, a few at a time (api/nodes.py).
         self.handshakes = asyncio.Semaphore(settings.device_handshake_concurrency)
         self.billing.listeners.append(self._charge_settled)
+        # OpenTelemetry spans when tracing is on; set by create_asgi_app (api/app.py).
+        self.tracing: Tracing | None = None
         self.ready = False
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -264,12 +267,15 @@ class Gateway:
         )
 
     def execution(self, spec: JobSpec) -> Execution:
+        tracing = self.tracing
         return Execution(
             spec=spec,
             registry=self.registry,
             policy=self.policy,
             observer=self.trust,
             cloud=self.cloud_plan(spec),
+            # Canaries are not traced: every idle device gets them, around the clock.
+            trace=None if tracing is None or spec.internal else tracing.job(spec),
         )
 
     async def start(self) -> None:

@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from starlette.types import ASGIApp
 
 from swarmgate import __version__
 from swarmgate.api import (
@@ -37,6 +38,7 @@ from swarmgate.config import GatewaySettings
 from swarmgate.dashboard import pages as dashboard
 from swarmgate.dashboard.web import compiled_pages
 from swarmgate.gateway import Gateway
+from swarmgate.tracing import Tracing, tracing_from_settings
 
 
 def create_app(settings: GatewaySettings | None = None, gateway: Gateway | None = None) -> FastAPI:
@@ -49,7 +51,11 @@ def create_app(settings: GatewaySettings | None = None, gateway: Gateway | None 
         try:
             yield
         finally:
-            await gateway.stop()
+            try:
+                await gateway.stop()
+            finally:
+                if gateway.tracing is not None:
+                    await gateway.tracing.shutdown()  # the last spans, jobs' included, go out
 
     app = FastAPI(
         title="Swarmgate",
@@ -92,12 +98,21 @@ def create_app(settings: GatewaySettings | None = None, gateway: Gateway | None 
 
 
 def create_asgi_app(
-    settings: GatewaySettings | None = None, gateway: Gateway | None = None
+    settings: GatewaySettings | None = None,
+    gateway: Gateway | None = None,
+    tracing: Tracing | None = None,
 ) -> RequestIds:
     """What the server runs: the full app behind the hot path for completions, both
-    behind Idempotency-Key handling (a pass-through for requests without the header)."""
+    behind Idempotency-Key handling (a pass-through for requests without the header).
+
+    ``tracing``: where spans go; None: as the settings say (``SWARMGATE_OTEL_ENDPOINT``;
+    raises ``TracingUnavailable`` when that is set and the ``otel`` extra is missing).
+    With tracing off the app is built exactly as without it."""
     settings = settings or GatewaySettings()
+    if tracing is None:
+        tracing = tracing_from_settings(settings)
     gateway = gateway or Gateway(settings)
+    gateway.tracing = tracing
     hot = HotPaths(
         create_app(settings, gateway),
         gateway=gateway,
@@ -106,4 +121,8 @@ def create_asgi_app(
             "/v1/inference": inference.inference,
         },
     )
-    return RequestIds(Idempotency(hot, gateway, gateway.idempotency))
+    app: ASGIApp = Idempotency(hot, gateway, gateway.idempotency)
+    if gateway.tracing is not None:
+        # Inside RequestIds, so that the request's id is known to its span.
+        app = gateway.tracing.server_spans(app, hot.routes)
+    return RequestIds(app)

@@ -192,6 +192,8 @@ async def admit(gateway: Gateway, principal: Principal, spec: JobSpec) -> Admitt
     amount, pricing, model = hold_bound(spec, entry, cloud, pools, prompt_bound)
     caps = {pool.model: pool.price_ceiling(route.max_price) for pool in pools}
     spec = spec.with_route(route.capped_each(caps))
+    tracing = gateway.tracing
+    traced = None if tracing is None else tracing.billing("hold", spec.job_id)
     try:
         hold = await gateway.billing.hold(
             principal,
@@ -200,9 +202,13 @@ async def admit(gateway: Gateway, principal: Principal, spec: JobSpec) -> Admitt
             amount_micros=amount,
             job_id=spec.job_id,
         )
-    except BaseException:
+    except BaseException as exc:
         gateway.limiter.finish(admission, 0)
+        if traced is not None:
+            traced.end(exc)
         raise
+    if traced is not None:
+        traced.end()
     return Admitted(admission, hold, spec)
 
 
@@ -251,50 +257,60 @@ async def settle(gateway: Gateway, admitted: Admitted, execution: Execution) -> 
     if admitted.hold is None:
         return 0
     rate = execution.spec.rate_bps
-    if execution.inference_type == "cloud":
-        charge = await gateway.billing.settle(
-            admitted.hold,
-            prompt_tokens=completion.prompt_tokens,
-            completion_tokens=completion.completion_tokens,
-            device_id=None,
-            provider_account_id=None,  # no provider: the platform pays the upstream
-            model=execution.spec.model,
-            pricing=at_rate(
-                gateway.cloud_price(
-                    execution.spec.model,
-                    byok=bool(execution.cloud_run and execution.cloud_run.byok),
+    tracing = gateway.tracing
+    traced = None if tracing is None else tracing.billing("settle", execution.spec.job_id)
+    try:
+        if execution.inference_type == "cloud":
+            charge = await gateway.billing.settle(
+                admitted.hold,
+                prompt_tokens=completion.prompt_tokens,
+                completion_tokens=completion.completion_tokens,
+                device_id=None,
+                provider_account_id=None,  # no provider: the platform pays the upstream
+                model=execution.spec.model,
+                pricing=at_rate(
+                    gateway.cloud_price(
+                        execution.spec.model,
+                        byok=bool(execution.cloud_run and execution.cloud_run.byok),
+                    ),
+                    rate,
                 ),
-                rate,
-            ),
-        )
-        return charge.charged_micros
-    if execution.parts:
-        charge = await gateway.billing.settle_parts(
-            admitted.hold,
-            [
-                BilledPart(
-                    device_id=part.device_id,
-                    provider_account_id=part.account_id,
-                    model=part.model,
-                    pricing=at_rate(gateway.device_price(part.device_id, part.model), rate),
-                    prompt_tokens=part.prompt_tokens,
-                    completion_tokens=part.completion_tokens,
-                )
-                for part in execution.parts
-            ],
-        )
-        return charge.charged_micros
-    device = execution.device
-    model = execution.model or execution.spec.model
-    charge = await gateway.billing.settle(
-        admitted.hold,
-        prompt_tokens=completion.prompt_tokens,
-        completion_tokens=completion.completion_tokens,
-        device_id=device.device_id if device else None,
-        provider_account_id=device.account_id if device else None,
-        model=model,
-        pricing=at_rate(gateway.device_price(device.device_id if device else None, model), rate),
-    )
+            )
+        elif execution.parts:
+            charge = await gateway.billing.settle_parts(
+                admitted.hold,
+                [
+                    BilledPart(
+                        device_id=part.device_id,
+                        provider_account_id=part.account_id,
+                        model=part.model,
+                        pricing=at_rate(gateway.device_price(part.device_id, part.model), rate),
+                        prompt_tokens=part.prompt_tokens,
+                        completion_tokens=part.completion_tokens,
+                    )
+                    for part in execution.parts
+                ],
+            )
+        else:
+            device = execution.device
+            model = execution.model or execution.spec.model
+            charge = await gateway.billing.settle(
+                admitted.hold,
+                prompt_tokens=completion.prompt_tokens,
+                completion_tokens=completion.completion_tokens,
+                device_id=device.device_id if device else None,
+                provider_account_id=device.account_id if device else None,
+                model=model,
+                pricing=at_rate(
+                    gateway.device_price(device.device_id if device else None, model), rate
+                ),
+            )
+    except BaseException as exc:
+        if traced is not None:
+            traced.end(exc)
+        raise
+    if traced is not None:
+        traced.end(charged_micros=charge.charged_micros)
     return charge.charged_micros
 
 

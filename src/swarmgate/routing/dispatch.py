@@ -21,6 +21,7 @@ from collections.abc import AsyncGenerator
 from contextlib import aclosing, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 import orjson
 
@@ -40,6 +41,9 @@ from swarmgate.routing.choice import Route
 from swarmgate.routing.registry import AttemptEvent, DeviceConnection, DeviceLost, DeviceRegistry
 from swarmgate.routing.states import JobState, check_job_transition
 from swarmgate.upstreams import CloudRun, KeyLookup, Upstreams
+
+if TYPE_CHECKING:
+    from swarmgate.tracing import JobTrace
 
 log = logging.getLogger("swarmgate.dispatch")
 
@@ -207,6 +211,9 @@ class Execution:
     cloud: CloudPlan | None = None
     cloud_run: CloudRun | None = None
     inference_type: str = "p2p"
+    # This job's spans when tracing is on (swarmgate.tracing): told of each attempt and of
+    # the job's ending, once its outcome is filled in. None costs one check each time.
+    trace: JobTrace | None = None
 
     def _move(self, target: JobState) -> None:
         check_job_transition(self.state, target)
@@ -463,6 +470,8 @@ class Execution:
             prompt_tokens=done.usage.prompt_tokens,
             completion_tokens=done.usage.completion_tokens,
         )
+        if self.trace is not None:
+            self.trace.finished(self)
 
     def _joined(self, device: DeviceConnection, model: str, done: Done) -> Done:
         """The last device's Done, with usage for the whole answer: the prompt once (the
@@ -514,6 +523,11 @@ class Execution:
             duration_ms=0,
         )
         self.attempts.append(record)
+        traced = (
+            None
+            if self.trace is None
+            else self.trace.attempt(number, device, model, prefix is not None)
+        )
         try:
             try:
                 device.send(_job_frame(spec, attempt_id, model, prefix, used_tokens))
@@ -582,6 +596,8 @@ class Execution:
             record.error_code = code
             record.first_token_ms = None if first_at is None else int((first_at - started) * 1000)
             record.duration_ms = int((time.monotonic() - started) * 1000)
+            if traced is not None:
+                traced.finish(record)
 
     # -- endings ------------------------------------------------------------------------
     def _succeed(
@@ -599,6 +615,8 @@ class Execution:
         self.model = model
         if not self.spec.internal:
             device.jobs_served += 1
+        if self.trace is not None:
+            self.trace.finished(self)
         return self.completion
 
     def _fail(self, error: SwarmgateError) -> None:
@@ -606,11 +624,15 @@ class Execution:
             self.finished_at = time.monotonic()
             self.error = error
             self._move(JobState.FAILED)
+            if self.trace is not None:
+                self.trace.finished(self)
 
     def _cancel(self) -> None:
         if not self.state.finished:
             self.finished_at = time.monotonic()
             self._move(JobState.CANCELLED)
+            if self.trace is not None:
+                self.trace.finished(self)
 
 
 def _pinned(route: Route, model: str) -> Route:
