@@ -6,12 +6,14 @@ whose answer was sent. Charges queue up here and one writer makes durable whatev
 queued while its previous write ran — one charge alone at low load, hundreds together
 under heavy load — so the database commits once per group, not once per request.
 
-On SQLite (the embedded default) a group is first appended to ``charge_journal``, one
-small row per charge, and posted to the ledger (transactions, entries, ``charges`` rows,
-balances) every few milliseconds in one transaction that also empties the journal; a
-restart posts whatever a crashed process left there before serving. A commit that
-touches one table instead of five costs a tenth as much (BENCHMARKS.md). On other
-databases each group is posted directly.
+On SQLite (the embedded default) a small group is first appended to ``charge_journal``,
+one small row per charge, and posted to the ledger (transactions, entries, ``charges``
+rows, balances) every few milliseconds in one transaction that also empties the journal;
+a restart posts whatever a crashed process left there before serving. A commit that
+touches one table instead of five costs a tenth as much (BENCHMARKS.md) — for one
+charge. A large group (``DIRECT_POST_MIN`` charges and more, under heavy load) is posted
+to the ledger at once instead: per charge that costs less than appending it and posting
+it later, and it is as durable. On other databases each group is posted directly.
 
 The charges of one account in a posted group form one balanced ledger transaction
 (entries summing to zero, netted per book), and each charge keeps its own ``charges``
@@ -301,6 +303,26 @@ class _SqliteJournal:
     async def append(self, batch: list[PendingCharge]) -> None:
         await self._in_thread(self._append, batch)
 
+    # -- or both at once ---------------------------------------------------------------------
+    def _post_now(self, batch: list[PendingCharge]) -> None:
+        conn = self._connection()
+        plan = plan_batch(batch, for_sqlite=True)
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            _write_plan(conn, plan)
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    async def post_now(self, batch: list[PendingCharge]) -> None:
+        """Posts ``batch`` to the ledger in one transaction, past the journal; raises
+        ChargeRefused (nothing written) if the ledger refuses any of it."""
+        try:
+            await self._in_thread(self._post_now, batch)
+        except sqlite3.IntegrityError as exc:
+            raise ChargeRefused(str(exc)) from exc
+
     # -- step 2 --------------------------------------------------------------------------
     def _post_rows(self, rows: list[tuple[int, PendingCharge]]) -> None:
         conn = self._connection()
@@ -533,6 +555,8 @@ class _EngineWriter:
 # Charges per posting transaction in the background: small enough that an append queued
 # behind one waits a few hundred microseconds, large enough to amortise the commit.
 POST_SLICE = 32
+# A group of this many charges or more skips the journal and is posted at once.
+DIRECT_POST_MIN = 16
 
 
 class SettlementWriter:
@@ -613,6 +637,29 @@ class SettlementWriter:
                 log.exception("posting journaled charges failed; will retry")
 
     async def _commit(self, batch: list[PendingCharge]) -> None:
+        if self._journal is not None and len(batch) >= DIRECT_POST_MIN:
+            try:
+                await self._journal.post_now(batch)
+            except ChargeRefused:
+                # Find the offender (its answer is withheld, unpaid); post the rest.
+                for charge in batch:
+                    try:
+                        await self._journal.post_now([charge])
+                    except ChargeRefused:
+                        _fail(charge, "refused")
+                    except Exception:
+                        log.exception("posting a charge failed")
+                        _fail(charge, "database error")
+                    else:
+                        self._succeed([charge])
+                return
+            except Exception:
+                log.exception("posting %d charge(s) failed", len(batch))
+                for charge in batch:
+                    _fail(charge, "database error")
+                return
+            self._succeed(batch)
+            return
         if self._journal is not None:
             try:
                 await self._journal.append(batch)
