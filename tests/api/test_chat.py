@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 
 import pytest
 
@@ -244,3 +245,11 @@ async def test_nodes_fetch_artifact_locations_with_their_device_token(live: Live
     assert artifact["url"].startswith("https://")
     assert refused.status_code == 401
     assert refused.json()["error"]["code"] == "INVALID_DEVICE_TOKEN"
+
+
+def test_job_ids_are_unique_and_shaped_like_before() -> None:
+    from swarmgate.api.running import new_job_id
+
+    made = [new_job_id("chatcmpl-") for _ in range(10_000)]
+    assert len(set(made)) == len(made)
+    assert all(re.fullmatch(r"chatcmpl-[0-9a-f]{24}", job_id) for job_id in made)
