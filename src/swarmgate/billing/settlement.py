@@ -30,6 +30,7 @@ import contextlib
 import logging
 import sqlite3
 from collections import defaultdict
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -636,52 +637,32 @@ class SettlementWriter:
             except Exception:
                 log.exception("posting journaled charges failed; will retry")
 
-    async def _commit(self, batch: list[PendingCharge]) -> None:
-        if self._journal is not None and len(batch) >= DIRECT_POST_MIN:
-            try:
-                await self._journal.post_now(batch)
-            except ChargeRefused:
-                # Find the offender (its answer is withheld, unpaid); post the rest.
-                for charge in batch:
-                    try:
-                        await self._journal.post_now([charge])
-                    except ChargeRefused:
-                        _fail(charge, "refused")
-                    except Exception:
-                        log.exception("posting a charge failed")
-                        _fail(charge, "database error")
-                    else:
-                        self._succeed([charge])
-                return
-            except Exception:
-                log.exception("posting %d charge(s) failed", len(batch))
-                for charge in batch:
-                    _fail(charge, "database error")
-                return
-            self._succeed(batch)
-            return
-        if self._journal is not None:
-            try:
-                await self._journal.append(batch)
-            except Exception:
-                log.exception("journaling %d charge(s) failed", len(batch))
-                for charge in batch:
-                    _fail(charge, "database error")
-                return
-            self._succeed(batch)
-            return
-        assert self._direct is not None
+    def _writer_for(
+        self, batch: list[PendingCharge]
+    ) -> Callable[[list[PendingCharge]], Awaitable[None]]:
+        if self._journal is None:
+            assert self._direct is not None
+            return self._direct.commit
+        return self._journal.post_now if len(batch) >= DIRECT_POST_MIN else self._journal.append
+
+    async def _commit(
+        self,
+        batch: list[PendingCharge],
+        write: Callable[[list[PendingCharge]], Awaitable[None]] | None = None,
+    ) -> None:
+        write = write or self._writer_for(batch)
         try:
-            await self._direct.commit(batch)
+            await write(batch)
         except ChargeRefused:
             if len(batch) == 1:
                 _fail(batch[0], "refused")
                 return
-            for charge in batch:  # find the offender; commit the rest one by one
-                await self._commit([charge])
+            # Find the offender (its answer is withheld, unpaid); write the rest one by one.
+            for charge in batch:
+                await self._commit([charge], write)
             return
         except Exception:
-            log.exception("committing %d charge(s) failed", len(batch))
+            log.exception("writing %d charge(s) failed", len(batch))
             for charge in batch:
                 _fail(charge, "database error")
             return
