@@ -140,6 +140,32 @@ def report(
     return "\n".join(out)
 
 
+def start_mock(data_dir: Path) -> tuple[subprocess.Popen[bytes], dict[str, str]]:
+    """``litellm_compare.py``'s mock OpenAI upstream on core 1, and the gateway settings
+    that make it the cloud model's upstream."""
+    import json
+
+    import litellm_compare as cloud
+
+    port = bench.free_port()
+    completion, frames = cloud.mock_answers(data_dir)
+    proc = subprocess.Popen(
+        [
+            *bench.taskset(bench.CLIENT_CORE),
+            sys.executable,
+            str(Path(__file__).resolve().parent / "floor_app.py"),
+            str(port),
+            str(completion),
+            str(frames),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+    )
+    upstream = [{"name": cloud.cloud_upstream_name(), "base_url": f"http://127.0.0.1:{port}/v1"}]
+    upstream[0]["api_key"] = cloud.MOCK_KEY
+    return proc, {"SWARMGATE_UPSTREAMS": json.dumps(upstream)}
+
+
 async def drive(
     stack: bench.Stack,
     seconds: float,
@@ -147,8 +173,15 @@ async def drive(
     concurrency: int,
     pyspy: list[str],
     target: str = "gateway",
+    model: str = bench.MODEL,
 ) -> tuple[bench.Run, float]:
     payload = bench.raw_request(stack.gateway_port, stack.api_key, stream)
+    if model != bench.MODEL:
+        body = bench.request_body(stream)
+        payload = payload.replace(body, body.replace(bench.MODEL.encode(), model.encode()))
+        old = f"Content-Length: {len(body)}".encode()
+        new = f"Content-Length: {len(payload) - payload.index(b'{')}".encode()
+        payload = payload.replace(old, new)
     await bench.closed_loop(stack.gateway_port, payload, concurrency, duration=2.0)  # warm-up
     proc = subprocess.Popen(pyspy)
     await asyncio.sleep(0.5)
@@ -162,6 +195,12 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=float, default=15.0)
     parser.add_argument("--stream", action="store_true")
+    parser.add_argument(
+        "--cloud",
+        action="store_true",
+        help="the cloud path: requests for litellm_compare.py's cloud model, answered by its "
+        "mock upstream (core 1) instead of the sim device",
+    )
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--rate", type=int, default=100, help="py-spy samples per second")
     parser.add_argument(
@@ -200,14 +239,23 @@ def main() -> int:
         args.target
         + "-"
         + ("stream" if args.stream else "plain")
+        + ("-cloud" if args.cloud else "")
         + (f"-whatif-{args.whatif.replace(',', '+')}" if args.whatif else "")
     )
     bench.RESULTS.mkdir(parents=True, exist_ok=True)
     raw = bench.RESULTS / f"profile-{kind}-{stamp}.collapsed"
     data_dir = Path(tempfile.mkdtemp(prefix="swarmgate-prof-"))
     stack = None
+    mock = None
     try:
-        stack = bench.start_stack(data_dir, whatif=args.whatif)
+        extra_env = None
+        model = bench.MODEL
+        if args.cloud:
+            import litellm_compare as cloud
+
+            mock, extra_env = start_mock(data_dir)
+            model = cloud.CLOUD_MODEL
+        stack = bench.start_stack(data_dir, whatif=args.whatif, extra_env=extra_env)
         gil = not args.all_threads
         cmd = [
             pyspy,
@@ -228,11 +276,16 @@ def main() -> int:
         import uvloop
 
         run, cpu_s = uvloop.run(
-            drive(stack, args.seconds + 1, args.stream, args.concurrency, cmd, args.target)
+            drive(
+                stack, args.seconds + 1, args.stream, args.concurrency, cmd, args.target, model
+            )
         )
     finally:
         if stack is not None:
             stack.stop()
+        if mock is not None:
+            mock.terminate()
+            mock.wait(10)
         shutil.rmtree(data_dir, ignore_errors=True)
     summary = bench.summarize(run)
     ok = summary["requests"]

@@ -110,3 +110,43 @@ async def test_a_refused_charge_in_a_large_group_fails_alone(engine: AsyncEngine
     assert await counts(engine) == (0, 1 + DIRECT_POST_MIN)
     balances = await check_ledger(engine)
     assert balances[developer_book(dev["id"])] == 1_000_000 - 100 * (1 + DIRECT_POST_MIN)
+
+
+async def test_the_writer_thread_posts_the_journal_by_itself(engine: AsyncEngine) -> None:
+    dev = await service.create_account(engine, name="dev", credit_micros=1_000_000)
+    prov = await service.create_account(engine, name="prov", developer=False, provider=True)
+    writer = SettlementWriter(engine, post_interval_s=0.05)
+    await writer.recover()
+    writer.start()
+    try:
+        # Submitted in one step of the event loop: one group, one commit.
+        await asyncio.gather(
+            *(writer.submit(charge(f"job_{n}", dev["id"], prov["id"])) for n in range(5))
+        )
+        assert writer.batches == 1
+        # Charges arriving one at a time, each waited for, while the thread posts between them.
+        for n in range(5, 40):
+            await writer.submit(charge(f"job_{n}", dev["id"], prov["id"]))
+        async with asyncio.timeout(10):
+            while await counts(engine) != (0, 40):
+                await asyncio.sleep(0.02)
+        assert await writer.developer_balance(developer_book(dev["id"])) == 1_000_000 - 100 * 40
+    finally:
+        await writer.stop()
+    late = writer.submit(charge("job_late", dev["id"], prov["id"]))
+    with pytest.raises(ChargeRefused):
+        await late
+    balances = await check_ledger(engine)
+    assert balances[developer_book(dev["id"])] == 1_000_000 - 100 * 40
+
+
+async def test_stop_writes_and_posts_everything_submitted(engine: AsyncEngine) -> None:
+    dev = await service.create_account(engine, name="dev", credit_micros=1_000_000)
+    prov = await service.create_account(engine, name="prov", developer=False, provider=True)
+    writer = SettlementWriter(engine, post_interval_s=3_600)
+    await writer.recover()
+    writer.start()
+    done = [writer.submit(charge(f"job_{n}", dev["id"], prov["id"])) for n in range(3)]
+    await writer.stop()  # before the submitted charges were even handed to the thread
+    assert [f.result() for f in done] == [None, None, None]
+    assert await counts(engine) == (0, 3)

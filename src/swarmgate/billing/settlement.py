@@ -27,13 +27,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
+import os
 import sqlite3
+import threading
+import time
 from collections import defaultdict
-from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from queue import Empty, SimpleQueue
 from typing import Any
 
 import orjson
@@ -254,28 +258,110 @@ _ENTRIES_SQL = _insert_sql("ledger_entries", ENTRY_COLUMNS)
 _CHARGES_SQL = _insert_sql("charges", CHARGE_COLUMNS)
 
 
+@dataclass(slots=True)
+class _Call:
+    """Work other than charges for the writer thread (a read, posting, closing), run in
+    order with the charges submitted before it."""
+
+    fn: Callable[[], Any]
+    future: asyncio.Future[Any]
+
+
+# What the thread hands back: (the future to resolve, the error or None, the result).
+_Outcome = tuple["asyncio.Future[Any] | None", BaseException | None, Any]
+
+
 class _SqliteJournal:
-    """Charges on SQLite, in two steps, both in one thread with one connection.
+    """Charges on SQLite, in two steps, in one thread of its own with one connection.
 
-    1. ``append``: each charge is written as one row of ``charge_journal`` and committed
-       — one small insert, so one short commit per group of waiting requests. Once this
+    1. *append*: each charge is written as one row of ``charge_journal`` and committed —
+       one small insert, so one short commit per group of waiting requests. Once that
        returns, the charge is settled: it survives a crash and will be posted.
-    2. ``post``: every ``post_interval_s`` (and at start, for what a crashed process left),
+    2. *post*: every ``post_interval_s`` (and at start, for what a crashed process left),
        journaled charges are posted to the ledger — transactions, entries, ``charges`` rows
-       and balances — in one transaction that also deletes them from the journal.
+       and balances — in transactions that also delete them from the journal, one slice at
+       a time between groups, so a charge waiting to be written waits for one slice at most.
 
-    Between the two, a developer book in ``balances`` does not yet show its journaled
-    charges; ``developer_balance`` subtracts them, read in the same thread, so the
-    request path never sees credit that is already spent.
+    Group commit: the charges submitted during one step of the event loop reach the thread
+    together (one wake-up), and the thread writes everything that queued while it was busy
+    as one group; a group of ``DIRECT_POST_MIN`` charges or more is posted at once instead
+    of journaled. The futures of everything written are resolved by one call into the
+    event loop. Posting takes no step of the event loop at all.
+
+    Between the two steps a developer book in ``balances`` does not yet show its
+    journaled charges; ``developer_balance`` subtracts them, read in the same thread, so
+    the request path never sees credit that is already spent.
     """
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, *, batch_max: int, post_interval_s: float) -> None:
         self._path = path
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="billing-writer")
+        self._batch_max = batch_max
+        self._post_interval_s = post_interval_s
+        # Only touched in the thread: the connection, developer book → journaled charges
+        # not yet posted, and how many rows this process journaled and has not posted.
         self._conn: sqlite3.Connection | None = None
-        # Developer book → journaled, not yet posted charges (only touched in the thread).
         self._unposted: dict[str, int] = defaultdict(int)
+        self._journaled = 0
+        self._closing = False
+        self.groups = 0  # groups written (for benchmarks and tests)
+        # Only touched in the event loop: the charges submitted in its current step.
+        self._pending: list[PendingCharge] = []
+        self._queue: SimpleQueue[list[PendingCharge] | _Call] = SimpleQueue()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
 
+    # -- the event loop's side --------------------------------------------------------------
+    def _started(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+            self._thread = threading.Thread(target=self._serve, name="billing-writer", daemon=True)
+            self._thread.start()
+        return self._loop
+
+    def submit(self, charge: PendingCharge) -> None:
+        """Queues ``charge``; the thread resolves ``charge.done`` once it is durable."""
+        loop = self._started()
+        if not self._pending:
+            loop.call_soon(self._hand_over)
+        self._pending.append(charge)
+
+    def _hand_over(self) -> None:
+        if self._pending:
+            batch, self._pending = self._pending, []
+            self._queue.put(batch)
+
+    async def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        future = self._started().create_future()
+        self._hand_over()  # charges submitted before are written first
+        self._queue.put(_Call(functools.partial(fn, *args), future))
+        return await future
+
+    async def post_all(self) -> int:
+        """Posts everything journaled; returns how many charges that was."""
+        return int(await self._call(self._post_all))
+
+    async def developer_balance(self, book: str) -> int:
+        return int(await self._call(self._developer_balance, book))
+
+    async def close(self) -> None:
+        """Writes what was submitted, posts everything, closes; the thread then ends."""
+        if self._thread is None:
+            return
+        await self._call(self._close)
+        await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
+        self._loop = self._thread = None
+
+    @staticmethod
+    def _resolve(outcomes: list[_Outcome]) -> None:
+        for future, error, result in outcomes:
+            if future is None or future.done():
+                continue  # its waiter was cancelled; the charge is written all the same
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(result)
+
+    # -- the thread -------------------------------------------------------------------------
     def _connection(self) -> sqlite3.Connection:
         if self._conn is None:
             conn = sqlite3.connect(self._path, isolation_level=None, check_same_thread=False)
@@ -283,8 +369,90 @@ class _SqliteJournal:
             self._conn = conn
         return self._conn
 
-    async def _in_thread(self, fn: Any, *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+    def _serve(self) -> None:
+        loop = self._loop
+        assert loop is not None
+        # Woken by the event loop, this thread needs the GIL the loop still holds: as a
+        # batch thread (Linux) it waits for the loop to go idle instead of preempting it,
+        # which saved two context switches a request at low load (BENCHMARKS.md).
+        with contextlib.suppress(AttributeError, OSError):
+            os.sched_setscheduler(threading.get_native_id(), os.SCHED_BATCH, os.sched_param(0))
+        last_post = time.monotonic()
+        due = False  # journaled charges are waiting to be posted: a slice after each group
+        while not self._closing:
+            timeout: float | None = None  # wait for work
+            if due:
+                timeout = 0.0
+            elif self._journaled:
+                timeout = last_post + self._post_interval_s - time.monotonic()
+                if timeout <= 0:
+                    due, timeout = True, 0.0
+            items: list[list[PendingCharge] | _Call] = []
+            with contextlib.suppress(Empty):
+                if timeout is None:
+                    items.append(self._queue.get())
+                elif timeout > 0:
+                    items.append(self._queue.get(timeout=timeout))
+                else:
+                    items.append(self._queue.get_nowait())
+            if items:
+                with contextlib.suppress(Empty):
+                    while True:
+                        items.append(self._queue.get_nowait())
+                outcomes = self._work(items)
+                try:
+                    loop.call_soon_threadsafe(self._resolve, outcomes)
+                except RuntimeError:  # the event loop is closed: nobody is waiting
+                    return
+            if due and not self._closing:
+                try:
+                    self._post(POST_SLICE)
+                except Exception:
+                    log.exception("posting journaled charges failed; will retry")
+                    self._journaled = 0  # try again when the next charge is journaled
+                if not self._journaled:
+                    due, last_post = False, time.monotonic()
+
+    def _work(self, items: list[list[PendingCharge] | _Call]) -> list[_Outcome]:
+        """Writes the charges and runs the calls in ``items``, in order."""
+        outcomes: list[_Outcome] = []
+        group: list[PendingCharge] = []
+        for item in items:
+            if isinstance(item, list):
+                group.extend(item)
+                continue
+            self._write(group, outcomes)
+            group = []
+            try:
+                outcomes.append((item.future, None, item.fn()))
+            except Exception as exc:
+                outcomes.append((item.future, exc, None))
+        self._write(group, outcomes)
+        return outcomes
+
+    def _write(self, group: list[PendingCharge], outcomes: list[_Outcome]) -> None:
+        for start in range(0, len(group), self._batch_max):
+            for charge, error in self._write_batch(group[start : start + self._batch_max]):
+                outcomes.append((charge.done, error, None))
+
+    def _write_batch(
+        self,
+        batch: list[PendingCharge],
+        write: Callable[[list[PendingCharge]], None] | None = None,
+    ) -> list[tuple[PendingCharge, ChargeRefused | None]]:
+        write = write or (self._post_now if len(batch) >= DIRECT_POST_MIN else self._append)
+        try:
+            write(batch)
+        except (ChargeRefused, sqlite3.IntegrityError):
+            if len(batch) == 1:
+                return [(batch[0], _refused(batch[0], "refused"))]
+            # Find the offender (its answer is withheld, unpaid); write the rest one by one.
+            return [done for charge in batch for done in self._write_batch([charge], write)]
+        except Exception:
+            log.exception("writing %d charge(s) failed", len(batch))
+            return [(charge, _refused(charge, "database error")) for charge in batch]
+        self.groups += 1
+        return [(charge, None) for charge in batch]
 
     # -- step 1 --------------------------------------------------------------------------
     def _append(self, batch: list[PendingCharge]) -> None:
@@ -300,12 +468,12 @@ class _SqliteJournal:
         for charge in batch:
             book = developer_book(charge.account_id, sandbox=charge.sandbox)
             self._unposted[book] += charge.charged_micros
-
-    async def append(self, batch: list[PendingCharge]) -> None:
-        await self._in_thread(self._append, batch)
+        self._journaled += len(batch)
 
     # -- or both at once ---------------------------------------------------------------------
     def _post_now(self, batch: list[PendingCharge]) -> None:
+        """Posts ``batch`` to the ledger in one transaction, past the journal; raises
+        ChargeRefused or IntegrityError, nothing written, if the ledger refuses any of it."""
         conn = self._connection()
         plan = plan_batch(batch, for_sqlite=True)
         conn.execute("BEGIN IMMEDIATE")
@@ -315,14 +483,6 @@ class _SqliteJournal:
         except BaseException:
             conn.execute("ROLLBACK")
             raise
-
-    async def post_now(self, batch: list[PendingCharge]) -> None:
-        """Posts ``batch`` to the ledger in one transaction, past the journal; raises
-        ChargeRefused (nothing written) if the ledger refuses any of it."""
-        try:
-            await self._in_thread(self._post_now, batch)
-        except sqlite3.IntegrityError as exc:
-            raise ChargeRefused(str(exc)) from exc
 
     # -- step 2 --------------------------------------------------------------------------
     def _post_rows(self, rows: list[tuple[int, PendingCharge]]) -> None:
@@ -348,6 +508,8 @@ class _SqliteJournal:
             (limit,),
         ).fetchall()
         rows = [(int(seq), PendingCharge.from_json(body)) for seq, body in found]
+        # Fewer than asked for: nothing else is waiting.
+        self._journaled = max(0, self._journaled - len(rows)) if len(rows) == limit else 0
         if not rows:
             return 0
         try:
@@ -370,17 +532,15 @@ class _SqliteJournal:
                     )
         return len(rows)
 
-    async def post_all(self, limit: int) -> int:
-        """Posts everything journaled, ``limit`` charges per transaction; each slice is its
-        own job for the thread, so an append waits for one slice at most, not all."""
+    def _post_all(self) -> int:
         posted = 0
         while True:
-            n = int(await self._in_thread(self._post, limit))
+            n = self._post(self._batch_max)
             posted += n
-            if n < limit:
+            if n < self._batch_max:
                 return posted
 
-    # -- reads -----------------------------------------------------------------------------
+    # -- reads, and closing -------------------------------------------------------------------
     def _developer_balance(self, book: str) -> int:
         found = (
             self._connection()
@@ -389,17 +549,14 @@ class _SqliteJournal:
         )
         return (int(found[0]) if found else 0) - self._unposted.get(book, 0)
 
-    async def developer_balance(self, book: str) -> int:
-        return int(await self._in_thread(self._developer_balance, book))
-
-    def close(self) -> None:
-        def close_connection() -> None:
+    def _close(self) -> None:
+        try:
+            self._post_all()
+        finally:
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None
-
-        self._pool.submit(close_connection).result()
-        self._pool.shutdown(wait=True)
+            self._closing = True
 
 
 def _write_plan(conn: sqlite3.Connection, plan: _Batch) -> None:
@@ -567,48 +724,58 @@ class SettlementWriter:
         self, engine: AsyncEngine, *, batch_max: int = 512, post_interval_s: float = 0.05
     ) -> None:
         path = sqlite_path(engine)
-        self._journal = _SqliteJournal(path) if path is not None and path != ":memory:" else None
+        self._journal = (
+            _SqliteJournal(path, batch_max=batch_max, post_interval_s=post_interval_s)
+            if path is not None and path != ":memory:"
+            else None
+        )
         self._direct: _EngineWriter | _PostgresWriter | None = None
         if self._journal is None:
             postgres = engine.dialect.name == "postgresql"
             self._direct = _PostgresWriter(engine) if postgres else _EngineWriter(engine)
         self._batch_max = batch_max
-        self._post_interval_s = post_interval_s
-        self._queue: list[PendingCharge] = []
+        self._queue: list[PendingCharge] = []  # for a database other than SQLite
         self._wake = asyncio.Event()
-        self._tasks: list[asyncio.Task[None]] = []
-        self._stopping = False
-        self.batches = 0  # durable commits so far (for benchmarks and tests)
+        self._task: asyncio.Task[None] | None = None
+        self._running = False
+        self._batches = 0
+
+    @property
+    def batches(self) -> int:
+        """Durable commits so far (for benchmarks and tests)."""
+        return self._journal.groups if self._journal is not None else self._batches
 
     async def recover(self) -> int:
         """Posts what a previous process journaled but did not post; call before serving."""
         if self._journal is None:
             return 0
-        recovered = await self._journal.post_all(self._batch_max)
+        recovered = await self._journal.post_all()
         if recovered:
             log.info("posted %d charge(s) journaled before a restart", recovered)
         return recovered
 
     def start(self) -> None:
-        self._tasks = [asyncio.create_task(self._run(), name="settlement-writer")]
-        if self._journal is not None:
-            self._tasks.append(asyncio.create_task(self._post_loop(), name="settlement-poster"))
+        self._running = True
+        if self._journal is None:
+            self._task = asyncio.create_task(self._run(), name="settlement-writer")
 
     def submit(self, charge: PendingCharge) -> asyncio.Future[None]:
         done = asyncio.get_running_loop().create_future()
         charge.done = done
-        if not self._tasks or self._tasks[0].done():
+        if not self._running or (self._task is not None and self._task.done()):
             done.set_exception(ChargeRefused("the settlement writer is not running"))
-            return done
-        self._queue.append(charge)
-        self._wake.set()
+        elif self._journal is not None:
+            self._journal.submit(charge)
+        else:
+            self._queue.append(charge)
+            self._wake.set()
         return done
 
     async def posted(self) -> None:
         """Posts every journaled charge now: for readers of ``charges`` and ``balances``
         that must see the latest answers (usage, earnings)."""
         if self._journal is not None:
-            await self._journal.post_all(self._batch_max)
+            await self._journal.post_all()
 
     async def developer_balance(self, book: str) -> int | None:
         """A developer book's balance net of charges not yet posted (None: read the
@@ -625,77 +792,54 @@ class SettlementWriter:
                 batch = self._queue[: self._batch_max]
                 del self._queue[: self._batch_max]
                 await self._commit(batch)
-            if self._stopping:
+            if not self._running:
                 return
 
-    async def _post_loop(self) -> None:
-        assert self._journal is not None
-        while True:
-            await asyncio.sleep(self._post_interval_s)
-            try:
-                await self._journal.post_all(POST_SLICE)
-            except Exception:
-                log.exception("posting journaled charges failed; will retry")
-
-    def _writer_for(
-        self, batch: list[PendingCharge]
-    ) -> Callable[[list[PendingCharge]], Awaitable[None]]:
-        if self._journal is None:
-            assert self._direct is not None
-            return self._direct.commit
-        return self._journal.post_now if len(batch) >= DIRECT_POST_MIN else self._journal.append
-
-    async def _commit(
-        self,
-        batch: list[PendingCharge],
-        write: Callable[[list[PendingCharge]], Awaitable[None]] | None = None,
-    ) -> None:
-        write = write or self._writer_for(batch)
+    async def _commit(self, batch: list[PendingCharge]) -> None:
+        assert self._direct is not None
         try:
-            await write(batch)
+            await self._direct.commit(batch)
         except ChargeRefused:
             if len(batch) == 1:
                 _fail(batch[0], "refused")
                 return
             # Find the offender (its answer is withheld, unpaid); write the rest one by one.
             for charge in batch:
-                await self._commit([charge], write)
+                await self._commit([charge])
             return
         except Exception:
             log.exception("writing %d charge(s) failed", len(batch))
             for charge in batch:
                 _fail(charge, "database error")
             return
-        self._succeed(batch)
-
-    def _succeed(self, batch: list[PendingCharge]) -> None:
-        self.batches += 1
+        self._batches += 1
         for charge in batch:
             if charge.done is not None and not charge.done.done():
                 charge.done.set_result(None)
 
     async def stop(self) -> None:
         """Makes everything already submitted durable and posted, then stops."""
-        if self._tasks:
-            self._stopping = True
+        self._running = False
+        if self._journal is not None:
+            await self._journal.close()
+            return
+        if self._task is not None:
             self._wake.set()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._tasks[0]
-            for task in self._tasks[1:]:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-            self._tasks = []
-        while self._queue:  # submitted after the writer stopped
+                await self._task
+            self._task = None
+        while self._queue:  # submitted before the writer stopped, not yet written
             batch = self._queue[: self._batch_max]
             del self._queue[: self._batch_max]
             await self._commit(batch)
-        if self._journal is not None:
-            await self._journal.post_all(self._batch_max)
-            self._journal.close()
+
+
+def _refused(charge: PendingCharge, why: str) -> ChargeRefused:
+    log.error("a charge was not written (%s)", why, extra={"job_id": charge.job_id})
+    return ChargeRefused(why)
 
 
 def _fail(charge: PendingCharge, why: str) -> None:
-    log.error("a charge was not written (%s)", why, extra={"job_id": charge.job_id})
+    error = _refused(charge, why)
     if charge.done is not None and not charge.done.done():
-        charge.done.set_exception(ChargeRefused(why))
+        charge.done.set_exception(error)
