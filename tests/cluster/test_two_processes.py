@@ -64,6 +64,10 @@ def gateway_process(
         "SWARMGATE_CLUSTER_LINK_HOST": "127.0.0.1",
         "SWARMGATE_CLUSTER_SECRET": "the two processes' shared link secret",
         "SWARMGATE_HOLD_SWEEP_INTERVAL_S": "1",
+        # After the kill, 8 clients share the survivor's two single-slot devices; on a
+        # busy machine their queue can pass the default 2 s wait (a clean 503
+        # DEVICES_BUSY). This test is about the kill, not about admission under load.
+        "SWARMGATE_QUEUE_WAIT_S": "15",
         "SWARMGATE_FIRST_TOKEN_TIMEOUT_S": "5",
         "SWARMGATE_HEARTBEAT_INTERVAL_S": "0.5",
         "SWARMGATE_CANARY_INTERVAL_S": "0",
