@@ -54,6 +54,19 @@ def charge(job_id: str, account_id: str, provider_id: str, amount: int = 100) ->
     )
 
 
+async def setup(
+    engine: AsyncEngine, post_interval_s: float = 3_600
+) -> tuple[str, str, SettlementWriter]:
+    """A developer with $1 of credit, a provider, and a started writer (posting from the
+    journal only every ``post_interval_s``, or when asked)."""
+    dev = await service.create_account(engine, name="dev", credit_micros=1_000_000)
+    prov = await service.create_account(engine, name="prov", developer=False, provider=True)
+    writer = SettlementWriter(engine, post_interval_s=post_interval_s)
+    await writer.recover()
+    writer.start()
+    return dev["id"], prov["id"], writer
+
+
 async def counts(engine: AsyncEngine) -> tuple[int, int]:
     async with engine.connect() as conn:
         journaled = await conn.scalar(text("SELECT count(*) FROM charge_journal"))
@@ -62,20 +75,15 @@ async def counts(engine: AsyncEngine) -> tuple[int, int]:
 
 
 async def test_small_groups_are_journaled_large_ones_posted_at_once(engine: AsyncEngine) -> None:
-    dev = await service.create_account(engine, name="dev", credit_micros=1_000_000)
-    prov = await service.create_account(engine, name="prov", developer=False, provider=True)
     # Posting from the journal only when asked, to see where each charge went.
-    writer = SettlementWriter(engine, post_interval_s=3_600)
-    await writer.recover()
-    writer.start()
+    dev_id, prov_id, writer = await setup(engine)
     try:
-        few = [writer.submit(charge(f"job_s{n}", dev["id"], prov["id"])) for n in range(3)]
+        few = [writer.submit(charge(f"job_s{n}", dev_id, prov_id)) for n in range(3)]
         await asyncio.gather(*few)
         assert await counts(engine) == (3, 0)  # settled in the journal, not yet posted
 
         many = [
-            writer.submit(charge(f"job_l{n}", dev["id"], prov["id"]))
-            for n in range(DIRECT_POST_MIN * 2)
+            writer.submit(charge(f"job_l{n}", dev_id, prov_id)) for n in range(DIRECT_POST_MIN * 2)
         ]
         await asyncio.gather(*many)
         assert await counts(engine) == (3, DIRECT_POST_MIN * 2)  # in the ledger already
@@ -85,21 +93,17 @@ async def test_small_groups_are_journaled_large_ones_posted_at_once(engine: Asyn
     finally:
         await writer.stop()
     balances = await check_ledger(engine)
-    assert balances[developer_book(dev["id"])] == 1_000_000 - 100 * (3 + DIRECT_POST_MIN * 2)
+    assert balances[developer_book(dev_id)] == 1_000_000 - 100 * (3 + DIRECT_POST_MIN * 2)
 
 
 async def test_a_refused_charge_in_a_large_group_fails_alone(engine: AsyncEngine) -> None:
-    dev = await service.create_account(engine, name="dev", credit_micros=1_000_000)
-    prov = await service.create_account(engine, name="prov", developer=False, provider=True)
-    writer = SettlementWriter(engine, post_interval_s=3_600)
-    await writer.recover()
-    writer.start()
+    dev_id, prov_id, writer = await setup(engine)
     try:
-        await writer.submit(charge("job_once", dev["id"], prov["id"]))
+        await writer.submit(charge("job_once", dev_id, prov_id))
         await writer.posted()
         # The same job charged again, among others: the ledger refuses that one only.
-        group = [charge(f"job_g{n}", dev["id"], prov["id"]) for n in range(DIRECT_POST_MIN)]
-        group.insert(5, charge("job_once", dev["id"], prov["id"]))
+        group = [charge(f"job_g{n}", dev_id, prov_id) for n in range(DIRECT_POST_MIN)]
+        group.insert(5, charge("job_once", dev_id, prov_id))
         done = [writer.submit(c) for c in group]
         outcomes = await asyncio.gather(*done, return_exceptions=True)
     finally:
@@ -109,44 +113,36 @@ async def test_a_refused_charge_in_a_large_group_fails_alone(engine: AsyncEngine
     assert all(o is None for i, o in enumerate(outcomes) if i != 5)
     assert await counts(engine) == (0, 1 + DIRECT_POST_MIN)
     balances = await check_ledger(engine)
-    assert balances[developer_book(dev["id"])] == 1_000_000 - 100 * (1 + DIRECT_POST_MIN)
+    assert balances[developer_book(dev_id)] == 1_000_000 - 100 * (1 + DIRECT_POST_MIN)
 
 
 async def test_the_writer_thread_posts_the_journal_by_itself(engine: AsyncEngine) -> None:
-    dev = await service.create_account(engine, name="dev", credit_micros=1_000_000)
-    prov = await service.create_account(engine, name="prov", developer=False, provider=True)
-    writer = SettlementWriter(engine, post_interval_s=0.05)
-    await writer.recover()
-    writer.start()
+    dev_id, prov_id, writer = await setup(engine, post_interval_s=0.05)
     try:
         # Submitted in one step of the event loop: one group, one commit.
         await asyncio.gather(
-            *(writer.submit(charge(f"job_{n}", dev["id"], prov["id"])) for n in range(5))
+            *(writer.submit(charge(f"job_{n}", dev_id, prov_id)) for n in range(5))
         )
         assert writer.batches == 1
         # Charges arriving one at a time, each waited for, while the thread posts between them.
         for n in range(5, 40):
-            await writer.submit(charge(f"job_{n}", dev["id"], prov["id"]))
+            await writer.submit(charge(f"job_{n}", dev_id, prov_id))
         async with asyncio.timeout(10):
             while await counts(engine) != (0, 40):
                 await asyncio.sleep(0.02)
-        assert await writer.developer_balance(developer_book(dev["id"])) == 1_000_000 - 100 * 40
+        assert await writer.developer_balance(developer_book(dev_id)) == 1_000_000 - 100 * 40
     finally:
         await writer.stop()
-    late = writer.submit(charge("job_late", dev["id"], prov["id"]))
+    late = writer.submit(charge("job_late", dev_id, prov_id))
     with pytest.raises(ChargeRefused):
         await late
     balances = await check_ledger(engine)
-    assert balances[developer_book(dev["id"])] == 1_000_000 - 100 * 40
+    assert balances[developer_book(dev_id)] == 1_000_000 - 100 * 40
 
 
 async def test_stop_writes_and_posts_everything_submitted(engine: AsyncEngine) -> None:
-    dev = await service.create_account(engine, name="dev", credit_micros=1_000_000)
-    prov = await service.create_account(engine, name="prov", developer=False, provider=True)
-    writer = SettlementWriter(engine, post_interval_s=3_600)
-    await writer.recover()
-    writer.start()
-    done = [writer.submit(charge(f"job_{n}", dev["id"], prov["id"])) for n in range(3)]
+    dev_id, prov_id, writer = await setup(engine)
+    done = [writer.submit(charge(f"job_{n}", dev_id, prov_id)) for n in range(3)]
     await writer.stop()  # before the submitted charges were even handed to the thread
     assert [f.result() for f in done] == [None, None, None]
     assert await counts(engine) == (0, 3)
