@@ -3,9 +3,10 @@
     .venv/bin/python benchmarks/settlement_steps.py [--n 2000]
 
 Prints CPU microseconds per charge for: posting one charge in its own transaction, posting
-64 per transaction, a journal append of one charge per commit (what a request waits for),
-posting from the journal in bulk, and a bare round trip to a worker thread (asyncio and
-uvloop), which every write from the event loop pays once.
+64 and 512 per transaction (the writer thread posts up to 512), appending one charge to
+the journal file (what a request waits for, on the event loop), appending 16 with one
+write, and a bare round trip to a worker thread (asyncio and uvloop), which a request
+would pay if it waited for a write made in another thread.
 """
 
 from __future__ import annotations
@@ -22,7 +23,13 @@ import uvloop
 
 from swarmgate.accounts import service
 from swarmgate.accounts.keys import new_id, utcnow
-from swarmgate.billing.settlement import PendingCharge, _SqliteJournal, _write_plan, plan_batch
+from swarmgate.billing.settlement import (
+    PendingCharge,
+    _Segment,
+    _SqliteJournal,
+    _write_plan,
+    plan_batch,
+)
 from swarmgate.store.db import create_engine, migrate
 
 
@@ -91,23 +98,26 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="swarmgate-settle-") as tmp:
         path = Path(tmp) / "bench.db"
         developer, provider = asyncio.run(_database(path))
-        journal = _SqliteJournal(str(path))
+        journal = _SqliteJournal(str(path), batch_max=512, post_interval_s=0.05)
         rows = {
-            "posting, one charge per transaction": _cpu_per(
-                n, lambda: _posting(journal, _charges(n, developer, provider), 1)
-            ),
-            "posting, 64 charges per transaction": _cpu_per(
-                n, lambda: _posting(journal, _charges(n, developer, provider), 64)
-            ),
+            f"posting, {group} charge(s) per transaction": _cpu_per(
+                n, lambda group=group: _posting(journal, _charges(n, developer, provider), group)
+            )
+            for group in (1, 64, 512)
         }
-        appended = _charges(n, developer, provider)
-        rows["journal append, one charge per commit"] = _cpu_per(
-            n, lambda: [journal._append([c]) for c in appended]
-        )
-        rows["posting from the journal in bulk"] = _cpu_per(
-            n, lambda: [journal._post(32) for _ in range(0, n + 32, 32)]
-        )
-        journal.close()
+        for group in (1, 16):
+            appended = _charges(n, developer, provider)
+            segment = _Segment.create(Path(tmp))
+            rows[f"journal append, {group} charge(s) per write"] = _cpu_per(
+                n,
+                lambda appended=appended, segment=segment, group=group: [
+                    segment.append(b"".join([c.journal_record() for c in appended[i : i + group]]))
+                    for i in range(0, n, group)
+                ],
+            )
+            segment.remove()
+        if journal._conn is not None:
+            journal._conn.close()
     rows["thread round trip (asyncio)"] = asyncio.run(_hop(n))
     rows["thread round trip (uvloop)"] = uvloop.run(_hop(n))
     width = max(len(name) for name in rows)

@@ -152,13 +152,15 @@ async def test_kill_9_under_load_loses_no_settled_charge(tmp_path: Path) -> None
     assert answered_before_kill > 20, "the load never got going"
 
     # Right after the crash every answer received is charged: posted to the ledger, or
-    # still in the charge journal (posted on restart).
+    # still in the charge journal's files (posted on restart).
     async with engine.connect() as conn:
         posted = set((await conn.scalars(select(charges.c.job_id))).all())
-        journaled = {
-            orjson.loads(body)["job_id"]
-            for body in (await conn.scalars(select(charge_journal.c.body))).all()
-        }
+    segments = sorted((tmp_path / "swarmgate.db-charges").glob("*.log"))
+    journaled = {
+        orjson.loads(line)["job_id"]
+        for segment in segments
+        for line in segment.read_bytes().splitlines()
+    }
     answered_sync = {job for job in answered if not job.startswith("job_")}
     assert answered_sync <= posted | journaled
 
@@ -182,6 +184,7 @@ async def test_kill_9_under_load_loses_no_settled_charge(tmp_path: Path) -> None
     async with engine.connect() as conn:
         # The restart posted the journal: every answer is in the ledger now.
         assert await conn.scalar(select(func.count()).select_from(charge_journal)) == 0
+        assert not any(segment.exists() for segment in segments)
         in_ledger = set((await conn.scalars(select(charges.c.job_id))).all())
         assert answered_sync <= in_ledger
         assert await conn.scalar(select(func.sum(ledger_entries.c.amount_micros))) == 0

@@ -1,13 +1,16 @@
-"""The settlement writer on SQLite: a small group of charges is journaled (posted later),
-a large one is posted to the ledger at once; either way a charge is durable before its
-future resolves, and a charge the ledger refuses fails alone."""
+"""The settlement writer on SQLite: the charges of one event-loop step are appended to the
+journal file with one write before their futures resolve, a thread posts them to the
+ledger, a charge the ledger refuses is kept for an operator, and a restart posts what a
+crashed process left — once."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import orjson
 import pytest
 from sqlalchemy import func, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -16,12 +19,7 @@ from swarmgate.accounts import service
 from swarmgate.accounts.keys import utcnow
 from swarmgate.billing.ledger import developer_book
 from swarmgate.billing.pricing import split_earnings
-from swarmgate.billing.settlement import (
-    DIRECT_POST_MIN,
-    ChargeRefused,
-    PendingCharge,
-    SettlementWriter,
-)
+from swarmgate.billing.settlement import ChargeRefused, PendingCharge, SettlementWriter
 from swarmgate.store.db import create_engine, migrate
 from swarmgate.store.tables import charges
 from tests.billing.test_ledger_properties import check_ledger
@@ -68,65 +66,88 @@ async def setup(
 
 
 async def counts(engine: AsyncEngine) -> tuple[int, int]:
+    """(charges kept as refused, charges posted)."""
     async with engine.connect() as conn:
-        journaled = await conn.scalar(text("SELECT count(*) FROM charge_journal"))
+        refused = await conn.scalar(text("SELECT count(*) FROM charge_journal"))
         posted = await conn.scalar(select(func.count()).select_from(charges))
-    return int(journaled or 0), int(posted or 0)
+    return int(refused or 0), int(posted or 0)
 
 
-async def test_small_groups_are_journaled_large_ones_posted_at_once(engine: AsyncEngine) -> None:
-    # Posting from the journal only when asked, to see where each charge went.
+def journal_files(engine: AsyncEngine) -> list[Path]:
+    return sorted(Path(f"{engine.url.database}-charges").glob("*"))
+
+
+def journaled(engine: AsyncEngine) -> list[str]:
+    """The job ids in the journal's files, in order."""
+    return [
+        orjson.loads(line)["job_id"]
+        for path in journal_files(engine)
+        for line in path.read_bytes().splitlines()
+    ]
+
+
+async def test_charges_are_journaled_in_one_write_then_posted(engine: AsyncEngine) -> None:
+    # Posting only when asked, to see where each charge is.
     dev_id, prov_id, writer = await setup(engine)
     try:
-        few = [writer.submit(charge(f"job_s{n}", dev_id, prov_id)) for n in range(3)]
-        await asyncio.gather(*few)
-        assert await counts(engine) == (3, 0)  # settled in the journal, not yet posted
+        # Submitted in one step of the event loop: one write, and settled by it.
+        await asyncio.gather(
+            *(writer.submit(charge(f"job_{n}", dev_id, prov_id)) for n in range(5))
+        )
+        assert writer.batches == 1
+        assert journaled(engine) == [f"job_{n}" for n in range(5)]
+        assert await counts(engine) == (0, 0)
+        # Not posted yet, but the developer's balance read through the writer counts them.
+        book = developer_book(dev_id)
+        assert await writer.developer_balance(book) == 1_000_000 - 500
 
-        many = [
-            writer.submit(charge(f"job_l{n}", dev_id, prov_id)) for n in range(DIRECT_POST_MIN * 2)
-        ]
-        await asyncio.gather(*many)
-        assert await counts(engine) == (3, DIRECT_POST_MIN * 2)  # in the ledger already
-
+        await writer.submit(charge("job_5", dev_id, prov_id))
+        assert writer.batches == 2
         await writer.posted()
-        assert await counts(engine) == (0, 3 + DIRECT_POST_MIN * 2)
+        assert await counts(engine) == (0, 6)
+        assert await writer.developer_balance(book) == 1_000_000 - 600
     finally:
         await writer.stop()
+    assert journal_files(engine) == []  # every charge posted: the journal is gone
     balances = await check_ledger(engine)
-    assert balances[developer_book(dev_id)] == 1_000_000 - 100 * (3 + DIRECT_POST_MIN * 2)
+    assert balances[developer_book(dev_id)] == 1_000_000 - 600
 
 
-async def test_a_refused_charge_in_a_large_group_fails_alone(engine: AsyncEngine) -> None:
+async def test_a_charge_the_ledger_refuses_is_kept_for_an_operator(engine: AsyncEngine) -> None:
     dev_id, prov_id, writer = await setup(engine)
     try:
         await writer.submit(charge("job_once", dev_id, prov_id))
         await writer.posted()
-        # The same job charged again, among others: the ledger refuses that one only.
-        group = [charge(f"job_g{n}", dev_id, prov_id) for n in range(DIRECT_POST_MIN)]
+        # The same job charged again, among others: settled (its answer went out), but the
+        # ledger refuses to post that one, and only that one.
+        group = [charge(f"job_g{n}", dev_id, prov_id) for n in range(20)]
         group.insert(5, charge("job_once", dev_id, prov_id))
-        done = [writer.submit(c) for c in group]
-        outcomes = await asyncio.gather(*done, return_exceptions=True)
+        assert await asyncio.gather(*(writer.submit(c) for c in group)) == [None] * 21
+        await writer.posted()
     finally:
         await writer.stop()
-    refused = [i for i, o in enumerate(outcomes) if isinstance(o, ChargeRefused)]
-    assert refused == [5]
-    assert all(o is None for i, o in enumerate(outcomes) if i != 5)
-    assert await counts(engine) == (0, 1 + DIRECT_POST_MIN)
+    assert await counts(engine) == (1, 21)
+    async with engine.connect() as conn:
+        body, error = (
+            await conn.execute(
+                text("SELECT body, error FROM charge_journal WHERE failed_at IS NOT NULL")
+            )
+        ).one()
+    assert orjson.loads(body)["job_id"] == "job_once"
+    assert "UNIQUE" in error
     balances = await check_ledger(engine)
-    assert balances[developer_book(dev_id)] == 1_000_000 - 100 * (1 + DIRECT_POST_MIN)
+    assert balances[developer_book(dev_id)] == 1_000_000 - 100 * 21
 
 
 async def test_the_writer_thread_posts_the_journal_by_itself(engine: AsyncEngine) -> None:
     dev_id, prov_id, writer = await setup(engine, post_interval_s=0.05)
     try:
-        # Submitted in one step of the event loop: one group, one commit.
-        await asyncio.gather(
-            *(writer.submit(charge(f"job_{n}", dev_id, prov_id)) for n in range(5))
-        )
-        assert writer.batches == 1
-        # Charges arriving one at a time, each waited for, while the thread posts between them.
-        for n in range(5, 40):
+        # Charges arriving one at a time, each waited for, while the thread posts between
+        # them (it sleeps between postings, and is woken by the first charge after).
+        for n in range(40):
             await writer.submit(charge(f"job_{n}", dev_id, prov_id))
+            if n % 10 == 0:
+                await asyncio.sleep(0.08)
         async with asyncio.timeout(10):
             while await counts(engine) != (0, 40):
                 await asyncio.sleep(0.02)
@@ -143,6 +164,103 @@ async def test_the_writer_thread_posts_the_journal_by_itself(engine: AsyncEngine
 async def test_stop_writes_and_posts_everything_submitted(engine: AsyncEngine) -> None:
     dev_id, prov_id, writer = await setup(engine)
     done = [writer.submit(charge(f"job_{n}", dev_id, prov_id)) for n in range(3)]
-    await writer.stop()  # before the submitted charges were even handed to the thread
+    await writer.stop()  # before the submitted charges were even written
     assert [f.result() for f in done] == [None, None, None]
     assert await counts(engine) == (0, 3)
+    assert journal_files(engine) == []
+
+
+async def test_a_full_segment_is_deleted_once_posted(
+    engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dev_id, prov_id, writer = await setup(engine)
+    record = len(charge("job_0", dev_id, prov_id).journal_record())
+    monkeypatch.setattr("swarmgate.billing.settlement.SEGMENT_BYTES", 4 * record)
+    try:
+        for n in range(10):  # a segment is full after four charges
+            await writer.submit(charge(f"job_{n}", dev_id, prov_id))
+        assert len(journal_files(engine)) == 3
+        assert journaled(engine) == [f"job_{n}" for n in range(10)]
+        await writer.posted()
+        assert len(journal_files(engine)) == 1  # the one still written to
+        assert await counts(engine) == (0, 10)
+    finally:
+        await writer.stop()
+    assert journal_files(engine) == []
+
+
+async def test_a_restart_posts_what_a_crash_left_once(engine: AsyncEngine) -> None:
+    dev_id, prov_id, writer = await setup(engine)
+    try:
+        await writer.submit(charge("job_posted", dev_id, prov_id))
+        await writer.posted()
+    finally:
+        await writer.stop()
+    # What a crash leaves: a segment whose first charge was posted (the crash came after
+    # that commit, before the file was deleted), two that were not, and a record cut in
+    # the middle of its write (its answer was never sent).
+    directory = Path(f"{engine.url.database}-charges")
+    left = [charge(job, dev_id, prov_id) for job in ("job_posted", "job_a", "job_b")]
+    torn = charge("job_torn", dev_id, prov_id).journal_record()[:40]
+    segment = directory / "00000000000000000001-1.log"
+    segment.write_bytes(b"".join(c.journal_record() for c in left) + torn)
+
+    writer = SettlementWriter(engine)
+    try:
+        assert await writer.recover() == 2
+        assert await writer.recover() == 0
+    finally:
+        await writer.stop()
+    assert not segment.exists()
+    async with engine.connect() as conn:
+        posted = set((await conn.scalars(select(charges.c.job_id))).all())
+    assert posted == {"job_posted", "job_a", "job_b"}
+    balances = await check_ledger(engine)
+    assert balances[developer_book(dev_id)] == 1_000_000 - 300
+
+
+async def test_recovery_leaves_a_live_process_s_journal_alone(engine: AsyncEngine) -> None:
+    dev_id, prov_id, writer = await setup(engine)
+    other = SettlementWriter(engine)
+    try:
+        await writer.submit(charge("job_live", dev_id, prov_id))
+        # A second process starting on the same database while this one runs: the segment
+        # is locked by its writer, so recovery must not post it behind its back.
+        assert await other.recover() == 0
+        assert journaled(engine) == ["job_live"]
+    finally:
+        await other.stop()
+        await writer.stop()
+    assert await counts(engine) == (0, 1)
+    assert journal_files(engine) == []
+
+
+async def test_a_failed_write_settles_nothing(
+    engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dev_id, prov_id, writer = await setup(engine)
+    try:
+        await writer.submit(charge("job_before", dev_id, prov_id))
+        real_write = os.write
+
+        def full_disk(fd: int, data: bytes) -> int:
+            # Half the group goes in, then the disk is full.
+            if len(data) > 100:
+                return real_write(fd, data[: len(data) // 2])
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(os, "write", full_disk)
+        failed = [writer.submit(charge(f"job_x{n}", dev_id, prov_id)) for n in range(3)]
+        outcomes = await asyncio.gather(*failed, return_exceptions=True)
+        assert all(isinstance(o, ChargeRefused) for o in outcomes)
+        monkeypatch.undo()
+        # Nothing of the failed group is left in the journal to be charged later.
+        assert journaled(engine) == ["job_before"]
+        await writer.submit(charge("job_after", dev_id, prov_id))
+        assert journaled(engine) == ["job_before", "job_after"]
+    finally:
+        await writer.stop()
+    async with engine.connect() as conn:
+        posted = set((await conn.scalars(select(charges.c.job_id))).all())
+    assert posted == {"job_before", "job_after"}
+    await check_ledger(engine)

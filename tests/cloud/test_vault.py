@@ -162,8 +162,10 @@ async def test_the_api_never_shows_stores_or_logs_the_key(
         assert await live.gateway.vault.key_for(account_id, "openrouter") == (API_KEY, None)
     finally:
         await stop_gateway(live)
-    for path in tmp_path.glob("swarmgate.db*"):
-        assert API_KEY.encode() not in path.read_bytes(), path
+    # The database, its WAL, and the charge journal's files.
+    for path in [*tmp_path.glob("swarmgate.db*"), *tmp_path.glob("swarmgate.db-charges/*")]:
+        if path.is_file():
+            assert API_KEY.encode() not in path.read_bytes(), path
     assert API_KEY not in caplog.text
 
 

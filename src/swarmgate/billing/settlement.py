@@ -2,18 +2,16 @@
 
 A finished job's charge is *settled* once it is durable; the gateway sends the answer
 only after that (``Billing.settle`` waits for it), so a crash can never lose a charge
-whose answer was sent. Charges queue up here and one writer makes durable whatever has
-queued while its previous write ran — one charge alone at low load, hundreds together
-under heavy load — so the database commits once per group, not once per request.
+whose answer was sent. Charges queue up here and are made durable in groups — one
+charge alone at low load, hundreds together under heavy load.
 
-On SQLite (the embedded default) a small group is first appended to ``charge_journal``,
-one small row per charge, and posted to the ledger (transactions, entries, ``charges``
-rows, balances) every few milliseconds in one transaction that also empties the journal;
-a restart posts whatever a crashed process left there before serving. A commit that
-touches one table instead of five costs a tenth as much (BENCHMARKS.md) — for one
-charge. A large group (``DIRECT_POST_MIN`` charges and more, under heavy load) is posted
-to the ledger at once instead: per charge that costs less than appending it and posting
-it later, and it is as durable. On other databases each group is posted directly.
+On SQLite (the embedded default) the charges submitted during one step of the event
+loop are appended to a journal file with one write, which settles them, and a thread
+posts them to the ledger (transactions, entries, ``charges`` rows, balances) every few
+milliseconds, many to a transaction; a restart posts whatever a crashed process left in
+the journal before serving. The request waits for a write to the page cache, not for a
+database commit in another thread (BENCHMARKS.md). On other databases each group is
+posted directly, one transaction per group.
 
 The charges of one account in a posted group form one balanced ledger transaction
 (entries summing to zero, netted per book), and each charge keeps its own ``charges``
@@ -31,12 +29,14 @@ import functools
 import logging
 import os
 import sqlite3
+import sys
 import threading
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from queue import Empty, SimpleQueue
 from typing import Any
 
@@ -59,6 +59,9 @@ from swarmgate.billing.ledger import (
 )
 from swarmgate.store.db import apply_sqlite_pragmas, sqlite_path, sqlite_value
 from swarmgate.store.tables import balances, charges, holds, ledger_entries, ledger_transactions
+
+if sys.platform != "win32":
+    import fcntl
 
 log = logging.getLogger("swarmgate.billing")
 
@@ -89,15 +92,18 @@ class PendingCharge:
 
     def to_json(self) -> str:
         """The journal's record of a charge settled against an in-memory hold."""
+        return self.journal_record().decode().rstrip("\n")
+
+    def journal_record(self) -> bytes:
+        """``to_json`` as one line of the journal file."""
         if self.hold_id is not None:
             raise ValueError("charges against ledger holds are posted directly, not journaled")
         return orjson.dumps(
-            {name: getattr(self, name) for name in _JOURNALED}
-            | {"created_at": self.created_at.isoformat()}
-        ).decode()
+            {name: getattr(self, name) for name in _JOURNALED}, option=orjson.OPT_APPEND_NEWLINE
+        )
 
     @classmethod
-    def from_json(cls, body: str) -> PendingCharge:
+    def from_json(cls, body: str | bytes) -> PendingCharge:
         fields = orjson.loads(body)
         fields["created_at"] = datetime.fromisoformat(fields["created_at"])
         return cls(**fields)
@@ -135,6 +141,7 @@ _JOURNALED = (
     "charged_micros",
     "provider_micros",
     "platform_micros",
+    "created_at",  # orjson writes it as RFC 3339
 )
 
 
@@ -245,7 +252,7 @@ def _guarded(book: str, amount: int) -> bool:
     return amount < 0 and not book.startswith(EXTERNAL_PREFIX)
 
 
-# -- SQLite: one connection, one thread, one hop per batch -------------------------------
+# -- SQLite: a journal file written from the event loop, posted by a thread --------------
 def _insert_sql(table: str, columns: tuple[str, ...]) -> str:
     return (
         f"INSERT INTO {table} ({', '.join(columns)}) "  # noqa: S608 - fixed tables and columns
@@ -257,11 +264,62 @@ _TRANSACTIONS_SQL = _insert_sql("ledger_transactions", TRANSACTION_COLUMNS)
 _ENTRIES_SQL = _insert_sql("ledger_entries", ENTRY_COLUMNS)
 _CHARGES_SQL = _insert_sql("charges", CHARGE_COLUMNS)
 
+# Past this size a journal segment is closed and the next one begun; the writer thread
+# deletes a closed segment once every charge in it is posted.
+SEGMENT_BYTES = 4 << 20
+
+
+def _lock(fd: int, *, wait: bool) -> bool:
+    """Takes the segment's exclusive lock; False if another process holds it."""
+    if sys.platform == "win32":  # no flock: one gateway process per database there
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+    except BlockingIOError:
+        return False
+    return True
+
+
+@dataclass(slots=True)
+class _Segment:
+    """One file of the charge journal: one JSON line per charge. The process that writes
+    it holds its lock until every charge in it is posted and the file deleted, so another
+    process's recovery takes only the segments of processes that are gone."""
+
+    path: Path
+    fd: int
+    size: int = 0
+
+    @classmethod
+    def create(cls, directory: Path) -> _Segment:
+        path = directory / f"{time.time_ns():020d}-{os.getpid()}.log"
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | getattr(os, "O_CLOEXEC", 0)
+        fd = os.open(path, flags, 0o600)
+        _lock(fd, wait=True)
+        return cls(path, fd)
+
+    def append(self, data: bytes) -> None:
+        """Appends all of ``data``, or raises OSError leaving none of it in the file."""
+        written = 0
+        try:
+            while written < len(data):
+                written += os.write(self.fd, data[written:])
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self.fd, self.size)
+            raise
+        self.size += written
+
+    def remove(self) -> None:
+        """Every charge in it is posted: deletes the file, then gives up its lock."""
+        self.path.unlink(missing_ok=True)
+        os.close(self.fd)
+
 
 @dataclass(slots=True)
 class _Call:
-    """Work other than charges for the writer thread (a read, posting, closing), run in
-    order with the charges submitted before it."""
+    """Work other than charges for the writer thread (a read, posting, closing), run after
+    the charges written before it are taken."""
 
     fn: Callable[[], Any]
     future: asyncio.Future[Any]
@@ -272,63 +330,107 @@ _Outcome = tuple["asyncio.Future[Any] | None", BaseException | None, Any]
 
 
 class _SqliteJournal:
-    """Charges on SQLite, in two steps, in one thread of its own with one connection.
+    """Charges on SQLite, in two steps.
 
-    1. *append*: each charge is written as one row of ``charge_journal`` and committed —
-       one small insert, so one short commit per group of waiting requests. Once that
-       returns, the charge is settled: it survives a crash and will be posted.
-    2. *post*: every ``post_interval_s`` (and at start, for what a crashed process left),
-       journaled charges are posted to the ledger — transactions, entries, ``charges`` rows
-       and balances — in transactions that also delete them from the journal, one slice at
-       a time between groups, so a charge waiting to be written waits for one slice at most.
+    1. *append*, on the event loop: the charges submitted during one step of the loop are
+       written to the journal, a file of JSON lines, with one ``os.write``; once it returns
+       they are settled and their futures resolved. The write goes to the page cache, a
+       few microseconds (BENCHMARKS.md): no thread hop and no wake-up stand between a
+       request and its answer. As with SQLite's own WAL under ``synchronous=NORMAL``, a
+       settled charge survives a crash of the process, not a power cut. (Redis appends
+       its AOF from its event loop the same way.)
+    2. *post*, in a thread of its own with the one SQLite connection: every
+       ``post_interval_s`` the charges written since are posted to the ledger —
+       transactions, entries, ``charges`` rows and balances — ``batch_max`` to a
+       transaction, and a journal segment whose charges are all posted is deleted. The
+       thread takes the charges from a deque without being woken for each; the loop wakes
+       it only when it has gone idle, and for reads and calls (``developer_balance``,
+       ``post_all``, a charge that settles a ledger hold).
 
-    Group commit: the charges submitted during one step of the event loop reach the thread
-    together (one wake-up), and the thread writes everything that queued while it was busy
-    as one group; a group of ``DIRECT_POST_MIN`` charges or more is posted at once instead
-    of journaled. The futures of everything written are resolved by one call into the
-    event loop. Posting takes no step of the event loop at all.
+    A restart posts what a crashed process left in the journal, skipping any charge whose
+    posting committed before the crash. A charge the ledger refuses at posting (a book
+    changed outside the gateway, a job charged twice) is kept in ``charge_journal`` with
+    ``failed_at`` for an operator; its answer was already sent.
 
-    Between the two steps a developer book in ``balances`` does not yet show its
-    journaled charges; ``developer_balance`` subtracts them, read in the same thread, so
-    the request path never sees credit that is already spent.
+    Between the two steps a developer book in ``balances`` does not yet show the charges
+    written but not posted; ``developer_balance`` subtracts them, read in the thread after
+    taking every charge written before the call, so the request path never sees credit
+    that is already spent.
     """
 
     def __init__(self, path: str, *, batch_max: int, post_interval_s: float) -> None:
         self._path = path
+        self._directory = Path(f"{path}-charges")
         self._batch_max = batch_max
         self._post_interval_s = post_interval_s
-        # Only touched in the thread: the connection, developer book → journaled charges
-        # not yet posted, and how many rows this process journaled and has not posted.
-        self._conn: sqlite3.Connection | None = None
-        self._unposted: dict[str, int] = defaultdict(int)
-        self._journaled = 0
-        self._closing = False
-        self.groups = 0  # groups written (for benchmarks and tests)
-        # Only touched in the event loop: the charges submitted in its current step.
+        # The event loop's: the charges submitted in its current step, the open segment.
         self._pending: list[PendingCharge] = []
-        self._queue: SimpleQueue[list[PendingCharge] | _Call] = SimpleQueue()
+        self._segment: _Segment | None = None
+        self.groups = 0  # appends (for benchmarks and tests)
+        # Between the two: what the loop wrote (charges, then closed segments), in order,
+        # taken by the thread whenever it posts; and the work that must wake it (None:
+        # only a wake-up). ``_idle``: the thread waits for work and must be woken.
+        self._written: deque[list[PendingCharge] | _Segment] = deque()
+        self._queue: SimpleQueue[_Call | None] = SimpleQueue()
+        self._idle = False
+        # The thread's: the connection, what it took and has not posted (in order), and
+        # developer book → those charges' total.
+        self._conn: sqlite3.Connection | None = None
+        self._backlog: list[PendingCharge | _Segment] = []
+        self._unposted: dict[str, int] = defaultdict(int)
+        self._closing = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
 
     # -- the event loop's side --------------------------------------------------------------
     def _started(self) -> asyncio.AbstractEventLoop:
         if self._loop is None:
+            self._directory.mkdir(parents=True, exist_ok=True)
             self._loop = asyncio.get_running_loop()
             self._thread = threading.Thread(target=self._serve, name="billing-writer", daemon=True)
             self._thread.start()
         return self._loop
 
     def submit(self, charge: PendingCharge) -> None:
-        """Queues ``charge``; the thread resolves ``charge.done`` once it is durable."""
+        """Queues ``charge``; ``charge.done`` resolves once it is durable."""
         loop = self._started()
+        if charge.hold_id is not None:
+            # It settles a hold in the ledger (a queued job): posted at once by the thread.
+            assert charge.done is not None
+            self._queue.put(_Call(functools.partial(self._post_held, charge), charge.done))
+            return
         if not self._pending:
             loop.call_soon(self._hand_over)
         self._pending.append(charge)
 
     def _hand_over(self) -> None:
-        if self._pending:
-            batch, self._pending = self._pending, []
-            self._queue.put(batch)
+        """Appends the charges submitted in this step: one write; then they are settled."""
+        batch, self._pending = self._pending, []
+        if not batch:
+            return
+        try:
+            segment = self._segment
+            if segment is None:
+                segment = self._segment = _Segment.create(self._directory)
+            segment.append(b"".join([charge.journal_record() for charge in batch]))
+        except OSError:
+            log.exception("appending %d charge(s) to the journal failed", len(batch))
+            for charge in batch:
+                _fail(charge, "journal write failed")
+            return
+        self.groups += 1
+        for charge in batch:
+            if charge.done is not None and not charge.done.done():
+                charge.done.set_result(None)
+        self._written.append(batch)
+        if segment.size >= SEGMENT_BYTES:
+            self._written.append(segment)
+            self._segment = None
+        # The thread sets the flag, then looks at ``_written``; this appended first and
+        # reads the flag second, so one of the two sees the other.
+        if self._idle:
+            self._idle = False
+            self._queue.put(None)
 
     async def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
         future = self._started().create_future()
@@ -336,9 +438,13 @@ class _SqliteJournal:
         self._queue.put(_Call(functools.partial(fn, *args), future))
         return await future
 
+    async def recover(self) -> int:
+        """Posts what earlier processes settled and did not post; returns how many."""
+        return int(await self._call(self._recover))
+
     async def post_all(self) -> int:
-        """Posts everything journaled; returns how many charges that was."""
-        return int(await self._call(self._post_all))
+        """Posts every charge written so far; returns how many that was."""
+        return int(await self._call(self._post_backlog))
 
     async def developer_balance(self, book: str) -> int:
         return int(await self._call(self._developer_balance, book))
@@ -347,6 +453,10 @@ class _SqliteJournal:
         """Writes what was submitted, posts everything, closes; the thread then ends."""
         if self._thread is None:
             return
+        self._hand_over()
+        if self._segment is not None:
+            self._written.append(self._segment)
+            self._segment = None
         await self._call(self._close)
         await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
         self._loop = self._thread = None
@@ -355,7 +465,7 @@ class _SqliteJournal:
     def _resolve(outcomes: list[_Outcome]) -> None:
         for future, error, result in outcomes:
             if future is None or future.done():
-                continue  # its waiter was cancelled; the charge is written all the same
+                continue  # its waiter was cancelled; the work was done all the same
             if error is not None:
                 future.set_exception(error)
             else:
@@ -372,108 +482,114 @@ class _SqliteJournal:
     def _serve(self) -> None:
         loop = self._loop
         assert loop is not None
-        # Woken by the event loop, this thread needs the GIL the loop still holds: as a
-        # batch thread (Linux) it waits for the loop to go idle instead of preempting it,
-        # which saved two context switches a request at low load (BENCHMARKS.md).
+        # When the loop wakes it, this thread needs the GIL the loop still holds: as a batch
+        # thread (Linux) it waits for the loop to go idle instead of preempting it.
         with contextlib.suppress(AttributeError, OSError):
             os.sched_setscheduler(threading.get_native_id(), os.SCHED_BATCH, os.sched_param(0))
-        last_post = time.monotonic()
-        due = False  # journaled charges are waiting to be posted: a slice after each group
+        due: float | None = None  # when what was taken is to be posted
         while not self._closing:
-            timeout: float | None = None  # wait for work
-            if due:
-                timeout = 0.0
-            elif self._journaled:
-                timeout = last_post + self._post_interval_s - time.monotonic()
-                if timeout <= 0:
-                    due, timeout = True, 0.0
-            items: list[list[PendingCharge] | _Call] = []
-            with contextlib.suppress(Empty):
-                if timeout is None:
-                    items.append(self._queue.get())
-                elif timeout > 0:
-                    items.append(self._queue.get(timeout=timeout))
-                else:
-                    items.append(self._queue.get_nowait())
-            if items:
-                with contextlib.suppress(Empty):
-                    while True:
-                        items.append(self._queue.get_nowait())
-                outcomes = self._work(items)
+            call = self._wait(due)
+            self._take()
+            if due is None and self._backlog:
+                due = time.monotonic() + self._post_interval_s
+            outcomes: list[_Outcome] = []
+            if call is not None:
+                try:
+                    outcomes.append((call.future, None, call.fn()))
+                except Exception as exc:
+                    outcomes.append((call.future, exc, None))
+            if due is not None and not self._closing and time.monotonic() >= due:
+                try:
+                    self._post_backlog()
+                except Exception:
+                    log.exception("posting journaled charges failed; will retry")
+                due = time.monotonic() + self._post_interval_s if self._backlog else None
+            if outcomes:
                 try:
                     loop.call_soon_threadsafe(self._resolve, outcomes)
                 except RuntimeError:  # the event loop is closed: nobody is waiting
                     return
-            if due and not self._closing:
-                try:
-                    self._post(POST_SLICE)
-                except Exception:
-                    log.exception("posting journaled charges failed; will retry")
-                    self._journaled = 0  # try again when the next charge is journaled
-                if not self._journaled:
-                    due, last_post = False, time.monotonic()
 
-    def _work(self, items: list[list[PendingCharge] | _Call]) -> list[_Outcome]:
-        """Writes the charges and runs the calls in ``items``, in order."""
-        outcomes: list[_Outcome] = []
-        group: list[PendingCharge] = []
-        for item in items:
-            if isinstance(item, list):
-                group.extend(item)
-                continue
-            self._write(group, outcomes)
-            group = []
+    def _wait(self, due: float | None) -> _Call | None:
+        """The next call, if one comes before ``due``; with nothing due, waits until the
+        loop writes charges or makes a call."""
+        if due is not None:
+            with contextlib.suppress(Empty):
+                return self._queue.get(timeout=max(0.0, due - time.monotonic()))
+            return None
+        self._idle = True
+        if self._written:
+            self._idle = False
+            return None
+        call = self._queue.get()
+        self._idle = False
+        return call
+
+    def _take(self) -> None:
+        """Takes what the loop wrote since the last time."""
+        while True:
             try:
-                outcomes.append((item.future, None, item.fn()))
-            except Exception as exc:
-                outcomes.append((item.future, exc, None))
-        self._write(group, outcomes)
-        return outcomes
+                item = self._written.popleft()
+            except IndexError:
+                return
+            if isinstance(item, _Segment):
+                self._backlog.append(item)
+                continue
+            for charge in item:
+                book = developer_book(charge.account_id, sandbox=charge.sandbox)
+                self._unposted[book] += charge.charged_micros
+            self._backlog.extend(item)
 
-    def _write(self, group: list[PendingCharge], outcomes: list[_Outcome]) -> None:
-        for start in range(0, len(group), self._batch_max):
-            for charge, error in self._write_batch(group[start : start + self._batch_max]):
-                outcomes.append((charge.done, error, None))
+    def _post_backlog(self) -> int:
+        """Posts every charge taken, ``batch_max`` a transaction, deleting each segment
+        once all its charges are posted; returns how many charges. A database error
+        leaves what is not yet posted for the next try."""
+        self._take()
+        posted = 0
+        backlog = self._backlog
+        while backlog:
+            head = backlog[0]
+            if isinstance(head, _Segment):
+                head.remove()
+                del backlog[0]
+                continue
+            run: list[PendingCharge] = []
+            for item in backlog:
+                if isinstance(item, _Segment) or len(run) == self._batch_max:
+                    break
+                run.append(item)
+            self._post_charges(run)
+            del backlog[: len(run)]
+            posted += len(run)
+        return posted
 
-    def _write_batch(
-        self,
-        batch: list[PendingCharge],
-        write: Callable[[list[PendingCharge]], None] | None = None,
-    ) -> list[tuple[PendingCharge, ChargeRefused | None]]:
-        write = write or (self._post_now if len(batch) >= DIRECT_POST_MIN else self._append)
+    def _post_charges(self, run: list[PendingCharge]) -> None:
+        """Posts ``run`` in one transaction; a charge the ledger refuses is kept apart."""
         try:
-            write(batch)
-        except (ChargeRefused, sqlite3.IntegrityError):
-            if len(batch) == 1:
-                return [(batch[0], _refused(batch[0], "refused"))]
-            # Find the offender (its answer is withheld, unpaid); write the rest one by one.
-            return [done for charge in batch for done in self._write_batch([charge], write)]
-        except Exception:
-            log.exception("writing %d charge(s) failed", len(batch))
-            return [(charge, _refused(charge, "database error")) for charge in batch]
-        self.groups += 1
-        return [(charge, None) for charge in batch]
-
-    # -- step 1 --------------------------------------------------------------------------
-    def _append(self, batch: list[PendingCharge]) -> None:
-        conn = self._connection()
-        rows = [(charge.to_json(),) for charge in batch]
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            conn.executemany("INSERT INTO charge_journal (body) VALUES (?)", rows)
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        for charge in batch:
+            self._post_now(run)
+        except (ChargeRefused, sqlite3.IntegrityError) as exc:
+            if len(run) > 1:  # find the offender; post the rest one by one
+                for charge in run:
+                    self._post_charges([charge])
+            else:
+                self._keep_refused(run[0], exc)
+            return
+        for charge in run:
             book = developer_book(charge.account_id, sandbox=charge.sandbox)
-            self._unposted[book] += charge.charged_micros
-        self._journaled += len(batch)
+            self._unposted[book] -= charge.charged_micros
 
-    # -- or both at once ---------------------------------------------------------------------
+    def _keep_refused(self, charge: PendingCharge, error: Exception) -> None:
+        # Settled and answered, but the ledger refuses it: kept for an operator. Its amount
+        # stays in ``_unposted``, as the developer's wallet counted it spent.
+        log.error("a journaled charge cannot be posted: %s", error, extra={"job_id": charge.job_id})
+        self._connection().execute(
+            "INSERT INTO charge_journal (body, failed_at, error) VALUES (?, ?, ?)",
+            (charge.to_json(), sqlite_value(datetime.now(UTC)), str(error)[:500]),
+        )
+
     def _post_now(self, batch: list[PendingCharge]) -> None:
-        """Posts ``batch`` to the ledger in one transaction, past the journal; raises
-        ChargeRefused or IntegrityError, nothing written, if the ledger refuses any of it."""
+        """Posts ``batch`` to the ledger in one transaction; raises ChargeRefused or
+        IntegrityError, nothing written, if the ledger refuses any of it."""
         conn = self._connection()
         plan = plan_batch(batch, for_sqlite=True)
         conn.execute("BEGIN IMMEDIATE")
@@ -484,63 +600,94 @@ class _SqliteJournal:
             conn.execute("ROLLBACK")
             raise
 
-    # -- step 2 --------------------------------------------------------------------------
-    def _post_rows(self, rows: list[tuple[int, PendingCharge]]) -> None:
-        conn = self._connection()
-        plan = plan_batch([charge for _, charge in rows], for_sqlite=True)
-        conn.execute("BEGIN IMMEDIATE")
+    def _post_held(self, charge: PendingCharge) -> None:
+        """A charge that settles a ledger hold: posted at once, as the hold is."""
         try:
-            _write_plan(conn, plan)
-            conn.executemany("DELETE FROM charge_journal WHERE seq = ?", [(s,) for s, _ in rows])
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        for _, charge in rows:
-            book = developer_book(charge.account_id, sandbox=charge.sandbox)
-            self._unposted[book] -= charge.charged_micros
+            self._post_now([charge])
+        except (ChargeRefused, sqlite3.IntegrityError) as exc:
+            raise _refused(charge, "refused") from exc
+        except Exception as exc:
+            log.exception("writing a charge failed")
+            raise _refused(charge, "database error") from exc
 
-    def _post(self, limit: int) -> int:
-        """Posts up to ``limit`` journaled charges; returns how many it read."""
+    # -- recovery, reads, and closing ---------------------------------------------------------
+    def _recover(self) -> int:
+        """Takes the segments no live process holds, and the rows an earlier version
+        journaled in ``charge_journal``, and posts every charge in them not yet posted."""
+        found: list[PendingCharge] = []
+        for path in sorted(self._directory.glob("*.log")):
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            if not _lock(fd, wait=False):
+                os.close(fd)  # a live process is still writing or posting it
+                continue
+            found.extend(self._read_segment(path))
+            self._backlog.append(_Segment(path, fd))
         conn = self._connection()
-        found = conn.execute(
-            "SELECT seq, body FROM charge_journal WHERE failed_at IS NULL ORDER BY seq LIMIT ?",
-            (limit,),
+        rows = conn.execute(
+            "SELECT seq, body FROM charge_journal WHERE failed_at IS NULL ORDER BY seq"
         ).fetchall()
-        rows = [(int(seq), PendingCharge.from_json(body)) for seq, body in found]
-        # Fewer than asked for: nothing else is waiting.
-        self._journaled = max(0, self._journaled - len(rows)) if len(rows) == limit else 0
-        if not rows:
-            return 0
-        try:
-            self._post_rows(rows)
-        except (ChargeRefused, sqlite3.IntegrityError):
-            for row in rows:  # find the offender; post the rest one by one
-                try:
-                    self._post_rows([row])
-                except (ChargeRefused, sqlite3.IntegrityError) as exc:
-                    # Settled and answered, but the ledger refuses it (a book changed
-                    # outside the gateway, or a job charged twice): kept for an operator.
-                    log.error(
-                        "a journaled charge cannot be posted: %s",
-                        exc,
-                        extra={"job_id": row[1].job_id},
-                    )
-                    conn.execute(
-                        "UPDATE charge_journal SET failed_at = ?, error = ? WHERE seq = ?",
-                        (sqlite_value(datetime.now(UTC)), str(exc)[:500], row[0]),
-                    )
-        return len(rows)
+        found.extend(PendingCharge.from_json(body) for _, body in rows)
+        fresh = self._not_posted(found)
+        for charge in fresh:
+            book = developer_book(charge.account_id, sandbox=charge.sandbox)
+            self._unposted[book] += charge.charged_micros
+        # Charges first, then the segments they came from: deleted once all are posted.
+        self._backlog[:0] = fresh
+        self._post_backlog()
+        if rows:
+            conn.execute(
+                "DELETE FROM charge_journal WHERE failed_at IS NULL AND seq <= ?", (rows[-1][0],)
+            )
+        return len(fresh)
 
-    def _post_all(self) -> int:
-        posted = 0
-        while True:
-            n = self._post(self._batch_max)
-            posted += n
-            if n < self._batch_max:
-                return posted
+    @staticmethod
+    def _read_segment(path: Path) -> list[PendingCharge]:
+        *lines, torn = path.read_bytes().split(b"\n")
+        if torn:
+            # Cut by the crash in the middle of a write: its answers were never sent.
+            log.warning("dropped a torn record at the end of %s", path.name)
+        found: list[PendingCharge] = []
+        damaged = 0
+        for line in lines:
+            try:
+                found.append(PendingCharge.from_json(line))
+            except (ValueError, TypeError):
+                damaged += 1
+        if damaged:
+            kept = path.with_suffix(".damaged")
+            path.rename(kept)
+            log.error("%d unreadable record(s) in %s; the file is kept as %s", damaged, path, kept)
+        return found
 
-    # -- reads, and closing -------------------------------------------------------------------
+    def _not_posted(self, found: list[PendingCharge]) -> list[PendingCharge]:
+        """``found`` less the charges the ledger has, or refused before (a crash after a
+        posting committed and before its segment was deleted)."""
+        conn = self._connection()
+        known: set[str] = set()
+        ids = [charge.job_id for charge in found]
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            known.update(
+                job_id
+                for (job_id,) in conn.execute(
+                    f"SELECT job_id FROM charges WHERE job_id IN ({','.join('?' * len(chunk))})",  # noqa: S608
+                    chunk,
+                )
+            )
+        known.update(
+            job_id
+            for (job_id,) in conn.execute(
+                "SELECT json_extract(body, '$.job_id') FROM charge_journal "
+                "WHERE failed_at IS NOT NULL"
+            )
+        )
+        fresh = []
+        for charge in found:
+            if charge.job_id not in known:
+                known.add(charge.job_id)
+                fresh.append(charge)
+        return fresh
+
     def _developer_balance(self, book: str) -> int:
         found = (
             self._connection()
@@ -551,7 +698,7 @@ class _SqliteJournal:
 
     def _close(self) -> None:
         try:
-            self._post_all()
+            self._post_backlog()
         finally:
             if self._conn is not None:
                 self._conn.close()
@@ -710,13 +857,6 @@ class _EngineWriter:
         return None
 
 
-# Charges per posting transaction in the background: small enough that an append queued
-# behind one waits a few hundred microseconds, large enough to amortise the commit.
-POST_SLICE = 32
-# A group of this many charges or more skips the journal and is posted at once.
-DIRECT_POST_MIN = 16
-
-
 class SettlementWriter:
     """Commits queued charges in groups; ``submit`` returns a future set once durable."""
 
@@ -746,10 +886,10 @@ class SettlementWriter:
         return self._journal.groups if self._journal is not None else self._batches
 
     async def recover(self) -> int:
-        """Posts what a previous process journaled but did not post; call before serving."""
+        """Posts what a previous process settled but did not post; call before serving."""
         if self._journal is None:
             return 0
-        recovered = await self._journal.post_all()
+        recovered = await self._journal.recover()
         if recovered:
             log.info("posted %d charge(s) journaled before a restart", recovered)
         return recovered
