@@ -156,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 log(f"stack with billing {label} is up")
             results = asyncio.run(run_phases(stacks, plan, log))
+            # Stopped first: a stopping gateway posts every charge its journal still holds.
+            stacks["on"].stop()
             results["ledger"] = ledger_check(stacks["on"])
         finally:
             for stack in stacks.values():

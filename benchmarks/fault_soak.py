@@ -616,6 +616,7 @@ def book_checks(
         jobs = rows("SELECT id, status, error_code FROM jobs WHERE account_id = ?", developer_id)
         open_holds = rows("SELECT count(*) FROM holds WHERE status = 'open'")[0][0]
         journal, journal_failed = rows("SELECT count(*), count(failed_at) FROM charge_journal")[0]
+        journal += len(list(db_path.with_name(f"{db_path.name}-charges").glob("*.log")))
         unbalanced = rows(
             "SELECT transaction_id, sum(amount_micros) FROM ledger_entries "
             "GROUP BY transaction_id HAVING sum(amount_micros) != 0"
@@ -691,7 +692,7 @@ def book_checks(
         Check(
             "the charge journal is drained",
             journal == 0,
-            f"{journal} rows left ({journal_failed} refused by the ledger)",
+            f"{journal} rows and files left ({journal_failed} refused by the ledger)",
         ),
         Check(
             "each ledger transaction's entries sum to zero",

@@ -599,22 +599,17 @@ def table(results: dict[str, Any], extra: dict[str, Any], concurrency: int) -> s
 
 
 def books(stack: Stack) -> dict[str, int]:
-    """``billing_overhead.ledger_check``, with the charges posted and those still in the
-    SQLite journal (settled and durable, posted a few milliseconds later in bulk) counted
-    in one read transaction: read apart, a batch posted between the two reads would be
-    counted in neither."""
+    """``billing_overhead.ledger_check`` once the gateway has stopped (a stopping gateway
+    posts every charge its journal still holds), with the charges the ledger refused,
+    kept in ``charge_journal``, and the journal files left (none expected)."""
+    stack.stop()
     out = ledger_check(stack)
-    db = sqlite3.connect(stack.data_dir / "swarmgate.db", isolation_level=None)
+    db = sqlite3.connect(stack.data_dir / "swarmgate.db")
     try:
-        db.execute("BEGIN")
-        out["charges"] = db.execute("SELECT count(*) FROM charges").fetchone()[0]
-        pending, failed = db.execute(
-            "SELECT count(*) - count(failed_at), count(failed_at) FROM charge_journal"
-        ).fetchone()
-        db.execute("COMMIT")
+        out["journal_failed"] = db.execute("SELECT count(*) FROM charge_journal").fetchone()[0]
     finally:
         db.close()
-    out["journaled"], out["journal_failed"] = pending, failed
+    out["journal_files"] = len(list((stack.data_dir / "swarmgate.db-charges").glob("*.log")))
     return out
 
 
@@ -770,11 +765,11 @@ def main(argv: list[str] | None = None) -> int:
     print(table(results, extra, plan.concurrency))
     print()
     print(
-        f"ledger: {ledger['charges']} charges posted + {ledger['journaled']} journaled, not yet "
-        f"posted, for {ledger['answered']} answered Swarmgate requests "
-        f"(books sum {ledger['books_sum']}, journal failures {ledger['journal_failed']})"
+        f"ledger: {ledger['charges']} charges posted for {ledger['answered']} answered "
+        f"Swarmgate requests (books sum {ledger['books_sum']}, refused by the ledger "
+        f"{ledger['journal_failed']}, journal files left {ledger['journal_files']})"
     )
-    if ledger["charges"] + ledger["journaled"] != ledger["answered"]:
+    if ledger["charges"] != ledger["answered"] or ledger["journal_files"]:
         print("warning: the ledger does not match the answers counted")
     if errors := sum(results[p][n]["errors"] for p in PHASES for n in TARGETS):
         print(f"warning: {errors} requests failed; see the JSON for their status codes")
