@@ -2,16 +2,16 @@
 
 A finished job's charge is *settled* once it is durable; the gateway sends the answer
 only after that (``Billing.settle`` waits for it), so a crash can never lose a charge
-whose answer was sent. Charges queue up here and are made durable in groups — one
-charge alone at low load, hundreds together under heavy load.
+whose answer was sent.
 
-On SQLite (the embedded default) the charges submitted during one step of the event
-loop are appended to a journal file with one write, which settles them, and a thread
-posts them to the ledger (transactions, entries, ``charges`` rows, balances) every few
-milliseconds, many to a transaction; a restart posts whatever a crashed process left in
-the journal before serving. The request waits for a write to the page cache, not for a
-database commit in another thread (BENCHMARKS.md). On other databases each group is
-posted directly, one transaction per group.
+On SQLite (the embedded default) a charge is appended to a journal file with one write
+as it is submitted, which settles it; a thread posts the journal to the ledger
+(transactions, entries, ``charges`` rows, balances) every few milliseconds, many charges
+to a transaction, and a restart posts whatever a crashed process left in the journal
+before serving. The request waits for a write to the page cache, not for a database
+commit in another thread (BENCHMARKS.md). On other databases charges queue up and one
+writer commits whatever queued while its previous commit ran — one charge alone at low
+load, hundreds together under heavy load — posted directly, one transaction per group.
 
 The charges of one account in a posted group form one balanced ledger transaction
 (entries summing to zero, netted per book), and each charge keeps its own ``charges``
@@ -332,11 +332,11 @@ _Outcome = tuple["asyncio.Future[Any] | None", BaseException | None, Any]
 class _SqliteJournal:
     """Charges on SQLite, in two steps.
 
-    1. *append*, on the event loop: the charges submitted during one step of the loop are
-       written to the journal, a file of JSON lines, with one ``os.write``; once it returns
-       they are settled and their futures resolved. The write goes to the page cache, a
-       few microseconds (BENCHMARKS.md): no thread hop and no wake-up stand between a
-       request and its answer. As with SQLite's own WAL under ``synchronous=NORMAL``, a
+    1. *append*, on the event loop: ``submit`` writes the charge to the journal, a file of
+       JSON lines, with one ``os.write``; once it returns the charge is settled and its
+       future resolved, so the request waiting for it does not even give up its step of
+       the loop. The write goes to the page cache, a few microseconds (BENCHMARKS.md): no
+       thread hop and no wake-up stand between a request and its answer. As with SQLite's own WAL under ``synchronous=NORMAL``, a
        settled charge survives a crash of the process, not a power cut. (Redis appends
        its AOF from its event loop the same way.)
     2. *post*, in a thread of its own with the one SQLite connection: every
@@ -363,8 +363,7 @@ class _SqliteJournal:
         self._directory = Path(f"{path}-charges")
         self._batch_max = batch_max
         self._post_interval_s = post_interval_s
-        # The event loop's: the charges submitted in its current step, the open segment.
-        self._pending: list[PendingCharge] = []
+        # The event loop's: the segment it appends to.
         self._segment: _Segment | None = None
         self.groups = 0  # appends (for benchmarks and tests)
         # Between the two: what the loop wrote (charges, then closed segments), in order,
@@ -392,22 +391,18 @@ class _SqliteJournal:
         return self._loop
 
     def submit(self, charge: PendingCharge) -> None:
-        """Queues ``charge``; ``charge.done`` resolves once it is durable."""
-        loop = self._started()
+        """Settles ``charge``: appended before this returns, ``charge.done`` resolved;
+        a charge that settles a ledger hold is posted by the thread, then resolved."""
+        self._started()
         if charge.hold_id is not None:
             # It settles a hold in the ledger (a queued job): posted at once by the thread.
             assert charge.done is not None
             self._queue.put(_Call(functools.partial(self._post_held, charge), charge.done))
             return
-        if not self._pending:
-            loop.call_soon(self._hand_over)
-        self._pending.append(charge)
+        self._append([charge])
 
-    def _hand_over(self) -> None:
-        """Appends the charges submitted in this step: one write; then they are settled."""
-        batch, self._pending = self._pending, []
-        if not batch:
-            return
+    def _append(self, batch: list[PendingCharge]) -> None:
+        """Appends ``batch`` with one write; once it returns the charges are settled."""
         try:
             segment = self._segment
             if segment is None:
@@ -434,7 +429,6 @@ class _SqliteJournal:
 
     async def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
         future = self._started().create_future()
-        self._hand_over()  # charges submitted before are written first
         self._queue.put(_Call(functools.partial(fn, *args), future))
         return await future
 
@@ -453,7 +447,6 @@ class _SqliteJournal:
         """Writes what was submitted, posts everything, closes; the thread then ends."""
         if self._thread is None:
             return
-        self._hand_over()
         if self._segment is not None:
             self._written.append(self._segment)
             self._segment = None
