@@ -86,7 +86,8 @@ async def run_phases(
                 log(
                     f"  {name} rep {rep + 1} {label}: {summary['rps']:.0f} req/s, "
                     f"p50 {summary['p50_ms']:.3f} ms, p99 {summary['p99_ms']:.3f} ms, "
-                    f"gateway {summary['gateway_cpu_us_per_req']:.0f} us/req, "
+                    f"gateway {summary['gateway_cpu_us_per_req']:.0f} us/req "
+                    f"(event loop {summary.get('gateway_loop_cpu_us_per_req', 0):.0f}), "
                     f"errors {summary['errors']}"
                 )
         results[name] = {label: median_of(r) for label, r in reps.items()}
