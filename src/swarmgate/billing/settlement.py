@@ -365,11 +365,11 @@ class _SqliteJournal:
         self._post_interval_s = post_interval_s
         # The event loop's: the segment it appends to.
         self._segment: _Segment | None = None
-        self.groups = 0  # appends (for benchmarks and tests)
+        self.groups = 0  # writes (for benchmarks and tests)
         # Between the two: what the loop wrote (charges, then closed segments), in order,
         # taken by the thread whenever it posts; and the work that must wake it (None:
         # only a wake-up). ``_idle``: the thread waits for work and must be woken.
-        self._written: deque[list[PendingCharge] | _Segment] = deque()
+        self._written: deque[PendingCharge | _Segment] = deque()
         self._queue: SimpleQueue[_Call | None] = SimpleQueue()
         self._idle = False
         # The thread's: the connection, what it took and has not posted (in order), and
@@ -399,25 +399,19 @@ class _SqliteJournal:
             assert charge.done is not None
             self._queue.put(_Call(functools.partial(self._post_held, charge), charge.done))
             return
-        self._append([charge])
-
-    def _append(self, batch: list[PendingCharge]) -> None:
-        """Appends ``batch`` with one write; once it returns the charges are settled."""
         try:
             segment = self._segment
             if segment is None:
                 segment = self._segment = _Segment.create(self._directory)
-            segment.append(b"".join([charge.journal_record() for charge in batch]))
+            segment.append(charge.journal_record())
         except OSError:
-            log.exception("appending %d charge(s) to the journal failed", len(batch))
-            for charge in batch:
-                _fail(charge, "journal write failed")
+            log.exception("appending a charge to the journal failed")
+            _fail(charge, "journal write failed")
             return
         self.groups += 1
-        for charge in batch:
-            if charge.done is not None and not charge.done.done():
-                charge.done.set_result(None)
-        self._written.append(batch)
+        if charge.done is not None and not charge.done.done():
+            charge.done.set_result(None)
+        self._written.append(charge)
         if segment.size >= SEGMENT_BYTES:
             self._written.append(segment)
             self._segment = None
@@ -525,13 +519,10 @@ class _SqliteJournal:
                 item = self._written.popleft()
             except IndexError:
                 return
-            if isinstance(item, _Segment):
-                self._backlog.append(item)
-                continue
-            for charge in item:
-                book = developer_book(charge.account_id, sandbox=charge.sandbox)
-                self._unposted[book] += charge.charged_micros
-            self._backlog.extend(item)
+            if not isinstance(item, _Segment):
+                book = developer_book(item.account_id, sandbox=item.sandbox)
+                self._unposted[book] += item.charged_micros
+            self._backlog.append(item)
 
     def _post_backlog(self) -> int:
         """Posts every charge taken, ``batch_max`` a transaction, deleting each segment
