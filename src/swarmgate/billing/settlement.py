@@ -293,8 +293,8 @@ class _Segment:
     @classmethod
     def create(cls, directory: Path) -> _Segment:
         path = directory / f"{time.time_ns():020d}-{os.getpid()}.log"
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | getattr(os, "O_CLOEXEC", 0)
-        fd = os.open(path, flags, 0o600)
+        # os.open's descriptors are not inherited by child processes (PEP 446).
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
         _lock(fd, wait=True)
         return cls(path, fd)
 
@@ -600,7 +600,7 @@ class _SqliteJournal:
         journaled in ``charge_journal``, and posts every charge in them not yet posted."""
         found: list[PendingCharge] = []
         for path in sorted(self._directory.glob("*.log")):
-            fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            fd = os.open(path, os.O_RDONLY)
             if not _lock(fd, wait=False):
                 os.close(fd)  # a live process is still writing or posting it
                 continue
