@@ -82,7 +82,8 @@ _WHY = {
 }
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen, like JobSpec: built per request on the hot path; never mutated.
+@dataclass(slots=True)
 class Route:
     """A request's routing controls."""
 
@@ -417,13 +418,23 @@ def _best(
     catalog = pool.pricing
     reference_ms = PRIOR_TTFT_MS + max_tokens * 1000.0 / PRIOR_TOKENS_PER_S
     reference_cost = max(1, _scaled_cost(catalog, route))
+    # A price cap at or above the pool's ceiling (the dearest price of any member, ever)
+    # refuses no member: the usual case, a billed request capped at what its hold covers.
+    cap = route.price_cap(model)
+    ceiling = pool.ceiling
     constrained = bool(
         route.allow
         or route.deny
         or route.verified_only
         or route.trusted_only
         or route.max_latency_ms is not None
-        or route.price_cap(model) is not None
+        or (
+            cap is not None
+            and (
+                ceiling.input_per_1m_micros > cap.input_per_1m_micros
+                or ceiling.output_per_1m_micros > cap.output_per_1m_micros
+            )
+        )
     )
     best: Ranked | None = None
     for device in candidates:

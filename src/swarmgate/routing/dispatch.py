@@ -65,7 +65,9 @@ class DispatchPolicy:
     token_stall_timeout_s: float = 30.0
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: one or two are built per request, and a frozen dataclass's ``__init__``
+# (``object.__setattr__`` per field) costs four times a plain one's. Never mutated.
+@dataclass(slots=True)
 class JobSpec:
     job_id: str
     account_id: str
