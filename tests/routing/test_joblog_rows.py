@@ -10,7 +10,7 @@ from sqlalchemy import insert, select
 
 from swarmgate.accounts import service
 from swarmgate.routing.joblog import _insert_many_sqlite
-from swarmgate.store.db import create_engine, migrate, sqlite_datetime
+from swarmgate.store.db import SqliteInstants, create_engine, migrate, sqlite_datetime
 from swarmgate.store.tables import job_attempts, jobs
 
 
@@ -25,6 +25,22 @@ from swarmgate.store.tables import job_attempts, jobs
 )
 def test_instants_are_formatted_as_sqlalchemy_stores_them(value: datetime) -> None:
     assert sqlite_datetime(value) == value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
+
+
+def test_a_run_of_instants_is_formatted_like_each_alone() -> None:
+    """The per-second cache gives what ``sqlite_datetime`` gives, across second, day and
+    year boundaries, out of order, and for instants in other time zones."""
+    start = datetime(2026, 12, 31, 23, 59, 58, 999_000, tzinfo=UTC)
+    values = [start + timedelta(microseconds=n * 377) for n in range(12_000)]
+    values += [
+        start,
+        start - timedelta(days=400, microseconds=1),
+        datetime(2027, 1, 1, 1, 0, 0, 5, tzinfo=timezone(timedelta(hours=1))),
+        datetime(2027, 1, 1, 0, 0, 0, 0, tzinfo=UTC),
+        datetime(2027, 1, 1, 0, 0, 0, 999_999, tzinfo=UTC),
+    ]
+    instants = SqliteInstants()
+    assert [instants(value) for value in values] == [sqlite_datetime(v) for v in values]
 
 
 async def test_raw_rows_read_back_like_rows_written_by_sqlalchemy(tmp_path: Path) -> None:

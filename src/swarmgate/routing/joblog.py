@@ -18,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from swarmgate.metrics import Metrics
 from swarmgate.routing.dispatch import Execution
-from swarmgate.store.db import sqlite_value
+from swarmgate.store.db import SqliteInstants, sqlite_value
 from swarmgate.store.tables import job_attempts, jobs
 
 log = logging.getLogger("swarmgate.joblog")
@@ -84,11 +84,13 @@ async def _insert_many_sqlite(
         for index, name in enumerate(columns)
         if isinstance(table.c[name].type, DateTime | Boolean)
     ]
+    instant = SqliteInstants()  # a flush's instants are mostly in the same second
     values = []
     for row in rows:
         line = list(row.values())
         for index in converted:
-            line[index] = sqlite_value(line[index])
+            value = line[index]
+            line[index] = instant(value) if isinstance(value, datetime) else sqlite_value(value)
         values.append(tuple(line))
     await conn.exec_driver_sql(sql, values)
 

@@ -34,6 +34,31 @@ def sqlite_datetime(value: datetime) -> str:
     return value.isoformat(" ", "microseconds")[:26]
 
 
+_THREE_DIGITS = tuple(f"{n:03d}" for n in range(1000))
+
+
+class SqliteInstants:
+    """``sqlite_datetime`` for a run of instants close together (a batch of rows): the
+    text up to the second is made once per second, the microseconds from a table.
+    ``isoformat`` is the dearest step of turning a row into SQLite values."""
+
+    __slots__ = ("_prefix", "_second")
+
+    def __init__(self) -> None:
+        self._second: datetime | None = None
+        self._prefix = ""
+
+    def __call__(self, value: datetime) -> str:
+        if value.tzinfo is not UTC:
+            return sqlite_datetime(value)
+        micro = value.microsecond
+        second = value.replace(microsecond=0)
+        if second != self._second:
+            self._second = second
+            self._prefix = sqlite_datetime(second)[:20]  # "YYYY-MM-DD HH:MM:SS."
+        return self._prefix + _THREE_DIGITS[micro // 1000] + _THREE_DIGITS[micro % 1000]
+
+
 def sqlite_value(value: Any) -> Any:
     """A Python value as SQLAlchemy's SQLite types store it, for raw DBAPI writes."""
     if isinstance(value, datetime):
