@@ -154,6 +154,8 @@ class GatewaySettings(BaseSettings):
     hold_ttl_s: float = 3_600.0  # ledger holds (queued async jobs) older than this expire
     hold_sweep_interval_s: float = 60.0
     settle_batch_max: int = 512  # charges committed together in one database transaction
+    # SQLite: how often settled charges are posted from the journal file to the ledger.
+    settle_post_interval_s: float = 0.05
     idempotency_ttl_s: float = 86_400.0
     low_balance_micros: int = 1_000_000  # the low_balance webhook fires below $1
     # providers

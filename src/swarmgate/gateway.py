@@ -121,6 +121,7 @@ class Gateway:
             provider_share_bps=settings.provider_share_bps,
             hold_ttl_s=settings.hold_ttl_s,
             batch_max=settings.settle_batch_max,
+            post_interval_s=settings.settle_post_interval_s,
             enabled=settings.billing_enabled,
             wallets=wallets,
         )
@@ -199,6 +200,8 @@ class Gateway:
     def _charge_settled(self, charge: PendingCharge, available_micros: int) -> None:
         """Every committed charge, as an event for the account's webhooks (O(1), no IO)."""
         self.metrics.charged(charge.charged_micros)
+        if not self.webhooks.has_endpoints(charge.account_id):
+            return
         self.webhooks.on_charge(
             ChargeEvent(
                 account_id=charge.account_id,

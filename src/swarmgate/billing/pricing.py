@@ -56,20 +56,18 @@ def require_micros(value: int, name: str = "amount_micros", *, allow_zero: bool 
     return value
 
 
-def _ceil_div(numerator: int, denominator: int) -> int:
-    """Integer ceiling of numerator/denominator for numerator ≥ 0, denominator > 0."""
-    return -(-numerator // denominator)
-
-
 def job_cost_micros(pricing: Pricing, prompt_tokens: int, completion_tokens: int) -> int:
     """The developer's charge for a job: ceil of the exact cost (see the module docstring)."""
-    _require_count(prompt_tokens, "prompt_tokens")
-    _require_count(completion_tokens, "completion_tokens")
+    # ``type(...) is int`` first: the checks run on every request, the calls only on a bug.
+    if type(prompt_tokens) is not int or prompt_tokens < 0:
+        _require_count(prompt_tokens, "prompt_tokens")
+    if type(completion_tokens) is not int or completion_tokens < 0:
+        _require_count(completion_tokens, "completion_tokens")
     scaled = (
         prompt_tokens * pricing.input_per_1m_micros
         + completion_tokens * pricing.output_per_1m_micros
     )
-    return _ceil_div(scaled, TOKENS_PER_PRICE_UNIT)
+    return -(-scaled // TOKENS_PER_PRICE_UNIT)  # the ceiling, as scaled ≥ 0
 
 
 def max_cost_micros(pricing: Pricing, prompt_tokens: int, max_tokens: int) -> int:
@@ -89,8 +87,10 @@ def split_earnings(
     The provider's share is rounded down and the platform keeps the remainder, so
     rounding never pays out money the developer did not pay.
     """
-    _require_count(amount_micros, "amount_micros")
-    _require_count(provider_share_bps, "provider_share_bps")
+    if type(amount_micros) is not int or amount_micros < 0:
+        _require_count(amount_micros, "amount_micros")
+    if type(provider_share_bps) is not int or provider_share_bps < 0:
+        _require_count(provider_share_bps, "provider_share_bps")
     if provider_share_bps > BASIS_POINTS:
         raise ValueError(f"provider_share_bps must be at most {BASIS_POINTS}")
     provider = amount_micros * provider_share_bps // BASIS_POINTS

@@ -27,10 +27,10 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import orjson
 from redis.exceptions import RedisError
@@ -123,8 +123,7 @@ class _SharedSettlement:
         return self.parts_left == 0
 
 
-@dataclass(frozen=True, slots=True)
-class BilledPart:
+class BilledPart(NamedTuple):
     """What one device did for a job, at its price."""
 
     device_id: str | None
@@ -135,8 +134,7 @@ class BilledPart:
     completion_tokens: int
 
 
-@dataclass(frozen=True, slots=True)
-class Charge:
+class Charge(NamedTuple):
     charged_micros: int
     provider_micros: int
     platform_micros: int
@@ -153,6 +151,7 @@ class Billing:
         provider_share_bps: int = 8_500,
         hold_ttl_s: float = 3_600.0,
         batch_max: int = 512,
+        post_interval_s: float = 0.05,
         enabled: bool = True,
         wallets: RedisWallets | None = None,
     ) -> None:
@@ -166,7 +165,7 @@ class Billing:
         self._share_bps = provider_share_bps
         self._hold_ttl_s = hold_ttl_s
         self.enabled = enabled
-        self.writer = SettlementWriter(engine, batch_max=batch_max)
+        self.writer = SettlementWriter(engine, batch_max=batch_max, post_interval_s=post_interval_s)
         self._wallets: dict[tuple[str, bool], Wallet] = {}
         self._loading: dict[tuple[str, bool], asyncio.Future[Wallet]] = {}
         self._spend: dict[str, KeySpend] = {}
@@ -400,13 +399,20 @@ class Billing:
         then runs in the hold's database transaction.
         """
         sandbox = principal.sandbox
-        spend = await self._take_spend(principal, amount_micros)
+        spend = (
+            None
+            if principal.key_id is None or principal.settings.daily_spend_cap_micros is None
+            else await self._take_spend(principal, amount_micros)
+        )
         if self.wallets is not None:
             return await self._hold_shared(
                 principal, model, pricing, amount_micros, job_id, spend, in_ledger, also
             )
         try:
-            wallet = await self._wallet(principal.account_id, sandbox)
+            # The wallet is in memory after the account's first request: no await then.
+            wallet = self._wallets.get((principal.account_id, sandbox))
+            if wallet is None:
+                wallet = await self._wallet(principal.account_id, sandbox)
             if not wallet.can_reserve(amount_micros):
                 # The balance may have grown outside this process (an admin top-up).
                 await self._resync(principal.account_id, sandbox, wallet)
@@ -418,16 +424,16 @@ class Billing:
             raise
         # No await between the check above and this line: nothing can slip in between.
         wallet.reserve(amount_micros)
-        hold = RequestHold(
-            account_id=principal.account_id,
-            key_id=principal.key_id,
-            sandbox=sandbox,
-            model=model,
-            pricing=pricing,
-            amount_micros=amount_micros,
-            job_id=job_id,
-            wallet=wallet,
-            spend=spend,
+        hold = RequestHold(  # positional: keywords cost a dict per request
+            principal.account_id,
+            principal.key_id,
+            sandbox,
+            model,
+            pricing,
+            amount_micros,
+            job_id,
+            wallet,
+            spend,
         )
         if in_ledger:
             try:
@@ -566,7 +572,7 @@ class Billing:
             moved = hold.amount_micros if voided else 0
             await self._apply(hold.account_id, hold.sandbox, entry, moved)
 
-    async def settle(
+    def settle(
         self,
         hold: RequestHold,
         *,
@@ -576,88 +582,131 @@ class Billing:
         provider_account_id: str | None,
         model: str | None = None,
         pricing: Pricing | None = None,
-    ) -> Charge:
-        """Charges the job's real usage (at most the hold) and waits until it is written.
+    ) -> Coroutine[Any, Any, Charge]:
+        """Charges the job's real usage (at most the hold); await it: it returns once the
+        charge is written.
 
         ``model`` and ``pricing`` default to the hold's; a request routed to a fallback
         model, or to a device with its own price, is charged for what served it.
         Raises BillingError (503, nothing charged) if the charge could not be written;
         the caller must then not deliver the answer as a paid one.
+        (A plain function returning ``settle_parts``'s coroutine: one coroutine less on
+        every request.)
         """
         part = BilledPart(
-            device_id=device_id,
-            provider_account_id=provider_account_id,
-            model=model or hold.model,
-            pricing=pricing or hold.pricing,
-            prompt_tokens=prompt_tokens,
-            completion_tokens=completion_tokens,
+            device_id,
+            provider_account_id,
+            model or hold.model,
+            pricing or hold.pricing,
+            prompt_tokens,
+            completion_tokens,
         )
-        return await self.settle_parts(hold, [part])
+        return self.settle_parts(hold, (part,))
 
     async def settle_parts(self, hold: RequestHold, parts: Sequence[BilledPart]) -> Charge:
         """Charges an answer made by several devices (a stream continued after its device
         failed): one charge per part, each device paid for its own, together at most the
         hold. The last part's charge carries the job id; earlier ones ``<job id>.<n>``."""
         pendings = self._resolve_parts(hold, parts)
-        charged = sum(p.charged_micros for p in pendings)
+        if len(pendings) == 1:
+            only = pendings[0]
+            charged, provider, platform = (
+                only.charged_micros,
+                only.provider_micros,
+                only.platform_micros,
+            )
+        else:
+            charged = sum(p.charged_micros for p in pendings)
+            provider = sum(p.provider_micros for p in pendings)
+            platform = sum(p.platform_micros for p in pendings)
         wallet, spend = hold.wallet, hold.spend
-        in_memory = hold.ledger_hold_id is None
+        shared: _SharedSettlement | None = None
         if wallet is None:
             # Shared: the reservation is the entry; a ledger hold's settlement credits the
             # unspent part back to the book, so it is announced first.
             entry = (
-                hold.job_id if in_memory else await self._announce(hold.account_id, hold.sandbox)
+                hold.job_id
+                if hold.ledger_hold_id is None
+                else await self._announce(hold.account_id, hold.sandbox)
             )
             shared = _SharedSettlement(entry, len(pendings))
-        elif in_memory:
+        elif hold.ledger_hold_id is None:
             wallet.charge(hold.amount_micros, charged)
         if spend is not None:
             spend.reserved -= hold.amount_micros
             spend.pending += charged
-
-        def written(pending: PendingCharge, future: asyncio.Future[None]) -> None:
-            # A callback, not code after the await: it runs even if the request that
-            # waits for the charge is cancelled (its client left) in the meantime.
-            ok = not future.cancelled() and future.exception() is None
-            amount = pending.charged_micros
-            if spend is not None:
-                spend.pending -= amount
-                if ok:
-                    spend.committed += amount
-            if wallet is None:
-                if shared.written(pending, ok):
-                    self._later(self._settled_shared(hold, shared))
-                return
-            if in_memory:
-                if ok:
-                    wallet.committed_charge(amount)
-                else:
-                    wallet.failed_charge(amount)
-            elif ok:
-                # The part that settled the ledger hold gave it back; the others spent.
-                wallet.committed += pending.held_micros - amount
-            if ok:
-                self._notify(pending, wallet.available)
-
-        futures = []
+        refused: ChargeRefused | None = None
+        futures: list[asyncio.Future[None]] = []
         for pending in pendings:
-            done = self.writer.submit(pending)
-            done.add_done_callback(functools.partial(written, pending))
-            futures.append(done)
+            try:
+                done = self.writer.write(pending)
+            except ChargeRefused as exc:
+                refused = exc
+                self._written(hold, shared, pending, False)
+                continue
+            if done is None:  # durable already: the usual case, on SQLite
+                self._written(hold, shared, pending, True)
+            else:
+                # A callback, not code after the await: it runs even if the request that
+                # waits for the charge is cancelled (its client left) in the meantime.
+                done.add_done_callback(
+                    functools.partial(self._written_future, hold, shared, pending)
+                )
+                futures.append(done)
         try:
             # Shielded: a client that leaves now does not stop its charge being written.
             for done in futures:
                 await asyncio.shield(done)
+            if refused is not None:
+                raise refused
         except ChargeRefused as exc:
             raise BillingUnavailable(
                 "The answer could not be billed, so it is withheld; you were not charged. "
                 "Retry the request."
             ) from exc
-        return Charge(
-            charged,
-            sum(p.provider_micros for p in pendings),
-            sum(p.platform_micros for p in pendings),
-        )
+        return Charge(charged, provider, platform)
+
+    def _written_future(
+        self,
+        hold: RequestHold,
+        shared: _SharedSettlement | None,
+        pending: PendingCharge,
+        future: asyncio.Future[None],
+    ) -> None:
+        ok = not future.cancelled() and future.exception() is None
+        self._written(hold, shared, pending, ok)
+
+    def _written(
+        self,
+        hold: RequestHold,
+        shared: _SharedSettlement | None,
+        pending: PendingCharge,
+        ok: bool,
+    ) -> None:
+        """One of a settlement's charges was written (``ok``) or refused: the wallet and
+        the key's spend follow it, and the listeners hear of a written one."""
+        amount = pending.charged_micros
+        spend = hold.spend
+        if spend is not None:
+            spend.pending -= amount
+            if ok:
+                spend.committed += amount
+        wallet = hold.wallet
+        if wallet is None:
+            assert shared is not None
+            if shared.written(pending, ok):
+                self._later(self._settled_shared(hold, shared))
+            return
+        if hold.ledger_hold_id is None:
+            if ok:
+                wallet.committed_charge(amount)
+            else:
+                wallet.failed_charge(amount)
+        elif ok:
+            # The part that settled the ledger hold gave it back; the others spent.
+            wallet.committed += pending.held_micros - amount
+        if ok and self.listeners:
+            self._notify(pending, wallet.available)
 
     def _notify(self, charge: PendingCharge, available_micros: int) -> None:
         for listener in self.listeners:
@@ -675,35 +724,39 @@ class Billing:
         hold.resolved = True
         self._open.pop(id(hold), None)
         left = hold.amount_micros
+        sandbox = hold.sandbox
         pendings: list[PendingCharge] = []
         last = len(parts) - 1
         for index, part in enumerate(parts):
             cost = job_cost_micros(part.pricing, part.prompt_tokens, part.completion_tokens)
             charged = min(cost, left)
             left -= charged
-            if hold.sandbox or part.provider_account_id is None:
-                provider, platform = 0, (0 if hold.sandbox else charged)
+            provider_account_id = None if sandbox else part.provider_account_id
+            if provider_account_id is None:
+                provider, platform = 0, (0 if sandbox else charged)
             else:
                 provider, platform = split_earnings(charged, self._share_bps)
+            first = index == 0
+            # Positional: this runs on every request, and keywords cost a dict per call.
             pendings.append(
                 PendingCharge(
-                    job_id=hold.job_id if index == last else f"{hold.job_id}.{index + 1}",
-                    account_id=hold.account_id,
-                    key_id=hold.key_id,
-                    sandbox=hold.sandbox,
-                    model=part.model,
-                    device_id=part.device_id,
-                    provider_account_id=None if hold.sandbox else part.provider_account_id,
-                    prompt_tokens=part.prompt_tokens,
-                    completion_tokens=part.completion_tokens,
-                    charged_micros=charged,
-                    provider_micros=provider,
-                    platform_micros=platform,
-                    created_at=utcnow(),
+                    hold.job_id if index == last else f"{hold.job_id}.{index + 1}",
+                    hold.account_id,
+                    hold.key_id,
+                    sandbox,
+                    part.model,
+                    part.device_id,
+                    provider_account_id,
+                    part.prompt_tokens,
+                    part.completion_tokens,
+                    charged,
+                    provider,
+                    platform,
+                    utcnow(),
                     # A ledger hold is settled by the first part (which gives the whole hold
                     # back less its own cost); later parts are paid from what came back.
-                    hold_id=hold.ledger_hold_id if index == 0 else None,
-                    held_micros=hold.amount_micros if index == 0 else 0,
+                    hold.ledger_hold_id if first else None,
+                    hold.amount_micros if first else 0,
                 )
             )
         return pendings

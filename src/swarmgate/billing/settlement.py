@@ -57,7 +57,7 @@ from swarmgate.billing.ledger import (
     holds_book,
     provider_book,
 )
-from swarmgate.store.db import apply_sqlite_pragmas, sqlite_path, sqlite_value
+from swarmgate.store.db import SqliteInstants, apply_sqlite_pragmas, sqlite_path, sqlite_value
 from swarmgate.store.tables import balances, charges, holds, ledger_entries, ledger_transactions
 
 if sys.platform != "win32":
@@ -98,8 +98,24 @@ class PendingCharge:
         """``to_json`` as one line of the journal file."""
         if self.hold_id is not None:
             raise ValueError("charges against ledger holds are posted directly, not journaled")
+        # A dict display, not a comprehension over the names: this runs on every request.
         return orjson.dumps(
-            {name: getattr(self, name) for name in _JOURNALED}, option=orjson.OPT_APPEND_NEWLINE
+            {
+                "job_id": self.job_id,
+                "account_id": self.account_id,
+                "key_id": self.key_id,
+                "sandbox": self.sandbox,
+                "model": self.model,
+                "device_id": self.device_id,
+                "provider_account_id": self.provider_account_id,
+                "prompt_tokens": self.prompt_tokens,
+                "completion_tokens": self.completion_tokens,
+                "charged_micros": self.charged_micros,
+                "provider_micros": self.provider_micros,
+                "platform_micros": self.platform_micros,
+                "created_at": self.created_at,  # orjson writes it as RFC 3339
+            },
+            option=orjson.OPT_APPEND_NEWLINE,
         )
 
     @classmethod
@@ -109,40 +125,32 @@ class PendingCharge:
         return cls(**fields)
 
     def postings(self) -> list[Posting]:
+        """The ledger postings of this charge, balanced."""
+        moved: dict[str, int] = {}
+        self.add_postings(moved)
+        return balanced(Posting(book, amount) for book, amount in moved.items())
+
+    def add_postings(self, moved: dict[str, int]) -> None:
+        """Adds this charge's postings to ``moved`` (book → amount): what a batch nets
+        per transaction, without a Posting object per charge."""
+        charged = self.charged_micros
         developer = developer_book(self.account_id, sandbox=self.sandbox)
         if self.hold_id is not None:
             # The whole hold leaves the holds book; what was not spent goes back.
-            postings = [
-                Posting(holds_book(self.account_id, sandbox=self.sandbox), -self.held_micros),
-                Posting(developer, self.held_micros - self.charged_micros),
-            ]
+            held = self.held_micros
+            book = holds_book(self.account_id, sandbox=self.sandbox)
+            moved[book] = moved.get(book, 0) - held
+            moved[developer] = moved.get(developer, 0) + held - charged
         else:
-            postings = [Posting(developer, -self.charged_micros)]
+            moved[developer] = moved.get(developer, 0) - charged
         if self.sandbox:
-            postings.append(Posting(SANDBOX_USAGE, self.charged_micros))
+            moved[SANDBOX_USAGE] = moved.get(SANDBOX_USAGE, 0) + charged
         elif self.provider_account_id is None:
-            postings.append(Posting(PLATFORM_REVENUE, self.charged_micros))
+            moved[PLATFORM_REVENUE] = moved.get(PLATFORM_REVENUE, 0) + charged
         else:
-            postings.append(Posting(provider_book(self.provider_account_id), self.provider_micros))
-            postings.append(Posting(PLATFORM_REVENUE, self.platform_micros))
-        return balanced(postings)
-
-
-_JOURNALED = (
-    "job_id",
-    "account_id",
-    "key_id",
-    "sandbox",
-    "model",
-    "device_id",
-    "provider_account_id",
-    "prompt_tokens",
-    "completion_tokens",
-    "charged_micros",
-    "provider_micros",
-    "platform_micros",
-    "created_at",  # orjson writes it as RFC 3339
-)
+            provider = provider_book(self.provider_account_id)
+            moved[provider] = moved.get(provider, 0) + self.provider_micros
+            moved[PLATFORM_REVENUE] = moved.get(PLATFORM_REVENUE, 0) + self.platform_micros
 
 
 class ChargeRefused(Exception):
@@ -204,7 +212,8 @@ def plan_batch(batch: list[PendingCharge], *, for_sqlite: bool = False) -> _Batc
     claims: list[tuple[str, int]] = []
     net: dict[str, int] = defaultdict(int)
     first = batch[0].created_at
-    resolved_at: Any = sqlite_value(first) if for_sqlite else first
+    instant = SqliteInstants() if for_sqlite else None
+    resolved_at: Any = first if instant is None else instant(first)
     for (account_id, _hold_id), group in by_account.items():
         txn = new_id("txn")
         only = group[0] if len(group) == 1 else None
@@ -218,9 +227,9 @@ def plan_batch(batch: list[PendingCharge], *, for_sqlite: bool = False) -> _Batc
                 resolved_at,
             )
         )
-        postings: list[Posting] = []
+        moved: dict[str, int] = {}
         for charge in group:
-            postings.extend(charge.postings())
+            charge.add_postings(moved)
             charge_rows.append(
                 (
                     charge.job_id,
@@ -236,12 +245,12 @@ def plan_batch(batch: list[PendingCharge], *, for_sqlite: bool = False) -> _Batc
                     charge.provider_micros,
                     charge.platform_micros,
                     txn,
-                    sqlite_value(charge.created_at) if for_sqlite else charge.created_at,
+                    charge.created_at if instant is None else instant(charge.created_at),
                 )
             )
             if charge.hold_id is not None:
                 claims.append((charge.hold_id, charge.charged_micros))
-        for book, amount in balanced(postings):
+        for book, amount in balanced(Posting(book, amount) for book, amount in moved.items()):
             entries.append((txn, book, amount))
             net[book] += amount
     deltas = sorted((book, amount) for book, amount in net.items() if amount != 0)
@@ -377,6 +386,7 @@ class _SqliteJournal:
         self._conn: sqlite3.Connection | None = None
         self._backlog: list[PendingCharge | _Segment] = []
         self._unposted: dict[str, int] = defaultdict(int)
+        self._books: dict[tuple[str, bool], str] = {}  # (account, sandbox) → developer book
         self._closing = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -393,12 +403,26 @@ class _SqliteJournal:
     def submit(self, charge: PendingCharge) -> None:
         """Settles ``charge``: appended before this returns, ``charge.done`` resolved;
         a charge that settles a ledger hold is posted by the thread, then resolved."""
-        self._started()
         if charge.hold_id is not None:
             # It settles a hold in the ledger (a queued job): posted at once by the thread.
             assert charge.done is not None
+            self._started()
             self._queue.put(_Call(functools.partial(self._post_held, charge), charge.done))
             return
+        try:
+            self.append(charge)
+        except ChargeRefused as exc:
+            if charge.done is not None and not charge.done.done():
+                charge.done.set_exception(exc)
+            return
+        if charge.done is not None and not charge.done.done():
+            charge.done.set_result(None)
+
+    def append(self, charge: PendingCharge) -> None:
+        """Settles ``charge`` (not one against a ledger hold) by appending it to the
+        journal file; raises ChargeRefused, with nothing written, if the write fails."""
+        if self._thread is None:
+            self._started()
         try:
             segment = self._segment
             if segment is None:
@@ -406,11 +430,8 @@ class _SqliteJournal:
             segment.append(charge.journal_record())
         except OSError:
             log.exception("appending a charge to the journal failed")
-            _fail(charge, "journal write failed")
-            return
+            raise _refused(charge, "journal write failed") from None
         self.groups += 1
-        if charge.done is not None and not charge.done.done():
-            charge.done.set_result(None)
         self._written.append(charge)
         if segment.size >= SEGMENT_BYTES:
             self._written.append(segment)
@@ -520,8 +541,7 @@ class _SqliteJournal:
             except IndexError:
                 return
             if not isinstance(item, _Segment):
-                book = developer_book(item.account_id, sandbox=item.sandbox)
-                self._unposted[book] += item.charged_micros
+                self._unposted[self._book(item)] += item.charged_micros
             self._backlog.append(item)
 
     def _post_backlog(self) -> int:
@@ -558,9 +578,18 @@ class _SqliteJournal:
             else:
                 self._keep_refused(run[0], exc)
             return
+        unposted = self._unposted
         for charge in run:
-            book = developer_book(charge.account_id, sandbox=charge.sandbox)
-            self._unposted[book] -= charge.charged_micros
+            unposted[self._book(charge)] -= charge.charged_micros
+
+    def _book(self, charge: PendingCharge) -> str:
+        key = (charge.account_id, charge.sandbox)
+        book = self._books.get(key)
+        if book is None:
+            if len(self._books) >= 65_536:  # a cache of the accounts seen lately
+                self._books.clear()
+            book = self._books[key] = developer_book(charge.account_id, sandbox=charge.sandbox)
+        return book
 
     def _keep_refused(self, charge: PendingCharge, error: Exception) -> None:
         # Settled and answered, but the ledger refuses it: kept for an operator. Its amount
@@ -613,8 +642,7 @@ class _SqliteJournal:
         found.extend(PendingCharge.from_json(body) for _, body in rows)
         fresh = self._not_posted(found)
         for charge in fresh:
-            book = developer_book(charge.account_id, sandbox=charge.sandbox)
-            self._unposted[book] += charge.charged_micros
+            self._unposted[self._book(charge)] += charge.charged_micros
         # Charges first, then the segments they came from: deleted once all are posted.
         self._backlog[:0] = fresh
         self._post_backlog()
@@ -883,7 +911,20 @@ class SettlementWriter:
         if self._journal is None:
             self._task = asyncio.create_task(self._run(), name="settlement-writer")
 
+    def write(self, charge: PendingCharge) -> asyncio.Future[None] | None:
+        """Settles ``charge``: None when it is durable already (appended to the SQLite
+        journal before this returned), else a future set once it is. Raises
+        ChargeRefused, with nothing written, when it cannot be settled now."""
+        if self._journal is None or charge.hold_id is not None:
+            return self.submit(charge)
+        if not self._running:
+            raise _refused(charge, "the settlement writer is not running")
+        self._journal.append(charge)
+        return None
+
     def submit(self, charge: PendingCharge) -> asyncio.Future[None]:
+        """Settles ``charge``; the future is set once it is durable (ChargeRefused if it
+        could not be written)."""
         done = asyncio.get_running_loop().create_future()
         charge.done = done
         if not self._running or (self._task is not None and self._task.done()):
