@@ -69,6 +69,8 @@ async def run_phases(
     }
     results: dict[str, Any] = {}
     for name, go in phases.items():
+        if name not in plan["phases"]:
+            continue
         reps: dict[str, list[dict[str, Any]]] = {label: [] for label in stacks}
         for rep in range(plan["reps"]):
             order = list(stacks) if rep % 2 == 0 else list(reversed(stacks))
@@ -122,6 +124,8 @@ def table(results: dict[str, Any]) -> str:
         "| --- | --- | --- | --- | --- | --- |",
     ]
     for name in ("c1", "c8", "open", "c64"):
+        if name not in results:
+            continue
         off, on = results[name]["off"], results[name]["on"]
         deltas = results[name]["paired_p50_delta_ms"]
         median_delta = deltas[len(deltas) // 2]
@@ -138,10 +142,24 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--reps", type=int)
+    parser.add_argument(
+        "--phases", default="c1,c8,open,c64", help="comma-separated subset of c1,c8,open,c64"
+    )
+    parser.add_argument(
+        "--on-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="an environment variable for the billed stack only (a setting under test, "
+        "e.g. SWARMGATE_SETTLE_POST_INTERVAL_S=1); repeatable",
+    )
     args = parser.parse_args(argv)
-    plan = dict(PLANS["quick" if args.quick else "full"])
+    plan: dict[str, Any] = dict(PLANS["quick" if args.quick else "full"])
     if args.reps:
         plan["reps"] = args.reps
+    plan["phases"] = args.phases.split(",")
+    on_env = dict(item.split("=", 1) for item in args.on_env)
+    plan["on_env"] = on_env
 
     def log(line: str) -> None:
         print(line, flush=True)
@@ -152,9 +170,8 @@ def main(argv: list[str] | None = None) -> int:
             for label, enabled in (("off", "false"), ("on", "true")):
                 data_dir = Path(tmp) / label
                 data_dir.mkdir()
-                stacks[label] = start_stack(
-                    data_dir, floor=False, extra_env={"SWARMGATE_BILLING_ENABLED": enabled}
-                )
+                env = {"SWARMGATE_BILLING_ENABLED": enabled, **(on_env if label == "on" else {})}
+                stacks[label] = start_stack(data_dir, floor=False, extra_env=env)
                 log(f"stack with billing {label} is up")
             results = asyncio.run(run_phases(stacks, plan, log))
             # Stopped first: a stopping gateway posts every charge its journal still holds.

@@ -131,7 +131,11 @@ def start_stack(
     whatif: str | None = None,
     floor: bool = True,
     extra_env: dict[str, str] | None = None,
+    wrap: list[str] | None = None,
+    up_timeout: float = 30,
 ) -> Stack:
+    """``wrap``: a command the gateway runs under (a profiler), with ``up_timeout`` seconds
+    for it to come up and serve its first answers."""
     env = {
         **os.environ,
         "SWARMGATE_DATA_DIR": str(data_dir),
@@ -152,13 +156,15 @@ def start_stack(
             else swarmgate("serve")
         )
         stack.procs["gateway"] = subprocess.Popen(
-            [*taskset(GATEWAY_CORE), *serve],
+            [*taskset(GATEWAY_CORE), *(wrap or []), *serve],
             env={**env, "SWARMGATE_PORT": str(stack.gateway_port)},
             stdout=log,
             stderr=subprocess.STDOUT,
         )
         base = f"http://127.0.0.1:{stack.gateway_port}"
-        wait_until(lambda: _get_json(f"{base}/healthz") is not None, "gateway up", stack)
+        wait_until(
+            lambda: _get_json(f"{base}/healthz") is not None, "gateway up", stack, up_timeout
+        )
         node_log = (data_dir / "node.log").open("wb")
         stack.procs["node"] = subprocess.Popen(
             [
@@ -187,10 +193,11 @@ def start_stack(
             lambda: (_get_json(f"{base}/readyz") or {}).get("devices", 0) >= 1,
             "device ready",
             stack,
+            up_timeout,
         )
         # Capture one real answer of each kind: the floor app serves exactly these bytes.
         headers = {"Authorization": f"Bearer {key}"}
-        with httpx.Client(base_url=base, headers=headers, timeout=10) as client:
+        with httpx.Client(base_url=base, headers=headers, timeout=max(10, up_timeout)) as client:
             plain = client.post("/v1/chat/completions", content=request_body(False))
             plain.raise_for_status()
             stream = client.post("/v1/chat/completions", content=request_body(True))

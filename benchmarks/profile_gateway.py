@@ -210,6 +210,14 @@ def main() -> int:
         "then show up as busy)",
     )
     parser.add_argument("--top", type=int, default=40)
+    parser.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="an environment variable for the gateway (e.g. SWARMGATE_BILLING_ENABLED=false "
+        "to profile without billing); repeatable",
+    )
     parser.add_argument("--whatif", help="profile benchmarks/gateway_whatif.py PATCHES instead")
     parser.add_argument(
         "--target",
@@ -248,12 +256,13 @@ def main() -> int:
     stack = None
     mock = None
     try:
-        extra_env = None
+        extra_env = dict(item.split("=", 1) for item in args.env)
         model = bench.MODEL
         if args.cloud:
             import litellm_compare as cloud
 
-            mock, extra_env = start_mock(data_dir)
+            mock, mock_env = start_mock(data_dir)
+            extra_env.update(mock_env)
             model = cloud.CLOUD_MODEL
         stack = bench.start_stack(data_dir, whatif=args.whatif, extra_env=extra_env)
         gil = not args.all_threads
@@ -276,9 +285,7 @@ def main() -> int:
         import uvloop
 
         run, cpu_s = uvloop.run(
-            drive(
-                stack, args.seconds + 1, args.stream, args.concurrency, cmd, args.target, model
-            )
+            drive(stack, args.seconds + 1, args.stream, args.concurrency, cmd, args.target, model)
         )
     finally:
         if stack is not None:

@@ -5,8 +5,11 @@
 Prints CPU microseconds per charge for: posting one charge in its own transaction, posting
 64 and 512 per transaction (the writer thread posts up to 512), appending one charge to
 the journal file (what a request waits for, on the event loop), appending 16 with one
-write, and a bare round trip to a worker thread (asyncio and uvloop), which a request
-would pay if it waited for a write made in another thread.
+write, a bare round trip to a worker thread (asyncio and uvloop), which a request
+would pay if it waited for a write made in another thread, and the whole of what billing
+does on the event loop for one request: ``Billing.hold`` then ``Billing.settle``, the
+charge appended to the journal (the event loop's thread CPU only; posting is the writer
+thread's).
 """
 
 from __future__ import annotations
@@ -22,7 +25,9 @@ from pathlib import Path
 import uvloop
 
 from swarmgate.accounts import service
-from swarmgate.accounts.keys import new_id, utcnow
+from swarmgate.accounts.keys import Principal, new_id, utcnow
+from swarmgate.billing.pricing import Pricing
+from swarmgate.billing.service import Billing
 from swarmgate.billing.settlement import (
     PendingCharge,
     _Segment,
@@ -90,6 +95,43 @@ async def _hop(n: int) -> float:
     return (time.process_time() - start) / n * 1e6
 
 
+async def _request_billing(path: Path, developer: str, provider: str, n: int) -> float:
+    """Main-thread CPU per request of a hold and its settlement, as the request path
+    makes them (uvloop, the writer thread posting in the background)."""
+    engine = create_engine(f"sqlite+aiosqlite:///{path}")
+    billing = Billing(engine)
+    await billing.start()
+    principal = Principal(account_id=developer, key_id="key_bench", mode="live")
+    pricing = Pricing(input_per_1m_micros=100_000, output_per_1m_micros=200_000)
+
+    async def one() -> None:
+        hold = await billing.hold(
+            principal,
+            model="smollm2-135m-instruct-q4_1",
+            pricing=pricing,
+            amount_micros=billing.quote(pricing, ("Say hello",), 16),
+            job_id=new_id("job"),
+        )
+        await billing.settle(
+            hold,
+            prompt_tokens=12,
+            completion_tokens=16,
+            device_id="dev_bench",
+            provider_account_id=provider,
+        )
+
+    try:
+        for _ in range(200):
+            await one()
+        start = time.thread_time()
+        for _ in range(n):
+            await one()
+        return (time.thread_time() - start) / n * 1e6
+    finally:
+        await billing.stop()
+        await engine.dispose()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--n", type=int, default=2000)
@@ -118,6 +160,9 @@ def main(argv: list[str] | None = None) -> int:
             segment.remove()
         if journal._conn is not None:
             journal._conn.close()
+        rows["a request's billing on the event loop (hold + settle, uvloop)"] = uvloop.run(
+            _request_billing(path, developer, provider, n)
+        )
     rows["thread round trip (asyncio)"] = asyncio.run(_hop(n))
     rows["thread round trip (uvloop)"] = uvloop.run(_hop(n))
     width = max(len(name) for name in rows)
