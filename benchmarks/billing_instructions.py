@@ -72,7 +72,9 @@ async def _drive(port: int, payload: bytes, concurrency: int, n: int) -> tuple[i
     return len(run.latencies), run.errors
 
 
-def measure(label: str, billing: bool, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+def measure(
+    label: str, billing: bool, args: argparse.Namespace, tmp: Path, src: Path | None
+) -> dict[str, Any]:
     data_dir = tmp / label
     data_dir.mkdir()
     wrap = [
@@ -90,6 +92,7 @@ def measure(label: str, billing: bool, args: argparse.Namespace, tmp: Path) -> d
             # Batches as large as at full speed: the intervals stretched by the slowdown.
             "SWARMGATE_JOB_LOG_FLUSH_MS": str(round(50 * args.slowdown)),
             "SWARMGATE_SETTLE_POST_INTERVAL_S": str(0.05 * args.slowdown),
+            **({"PYTHONPATH": str(src)} if src is not None else {}),
         },
         wrap=wrap,
         up_timeout=600,
@@ -133,6 +136,13 @@ def main(argv: list[str] | None = None) -> int:
         "batches hold as many requests as at full speed",
     )
     parser.add_argument(
+        "--revision",
+        help="measure this git revision's src instead of the working tree (exported, put "
+        "first on PYTHONPATH, as ab_revisions.py does); revisions older than the "
+        "settle_post_interval_s setting post every 50 ms of callgrind's time, so their "
+        "other threads' figures are not comparable",
+    )
+    parser.add_argument(
         "--keep",
         type=Path,
         metavar="DIR",
@@ -147,15 +157,20 @@ def main(argv: list[str] | None = None) -> int:
         if args.keep is not None:
             args.keep.mkdir(parents=True, exist_ok=True)
             where = args.keep
+        src = None
+        if args.revision is not None:
+            from ab_revisions import export
+
+            src = export(args.revision, Path(tmp) / "tree")
         results = {
-            label: measure(label, billing, args, where)
+            label: measure(label, billing, args, where, src)
             for label, billing in (("off", False), ("on", True))
         }
     off = results["off"]["instructions_per_request"]
     on = results["on"]["instructions_per_request"]
     added = {name: on[name] - off[name] for name in off}
     results["added_per_request"] = added
-    results["plan"] = vars(args)
+    results["plan"] = {name: str(value) for name, value in vars(args).items()}
     results["machine"] = machine()
     results["git"] = git_state()
     print(

@@ -69,7 +69,7 @@ async def run_phases(
     }
     results: dict[str, Any] = {}
     for name, go in phases.items():
-        if name not in plan["phases"]:
+        if name not in plan.get("phases", phases):
             continue
         reps: dict[str, list[dict[str, Any]]] = {label: [] for label in stacks}
         for rep in range(plan["reps"]):

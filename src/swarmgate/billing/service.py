@@ -236,9 +236,10 @@ class Billing:
 
     async def _developer_balance(self, account_id: str, sandbox: bool) -> int:
         """The developer book net of charges settled but not yet posted to the ledger."""
-        book = developer_book(account_id, sandbox=sandbox)
-        pending = await self.writer.developer_balance(book)
-        return pending if pending is not None else await self._read_book(book)
+        pending = await self.writer.developer_balance(account_id, sandbox)
+        if pending is not None:
+            return pending
+        return await self._read_book(developer_book(account_id, sandbox=sandbox))
 
     async def _resync(self, account_id: str, sandbox: bool, wallet: Wallet) -> None:
         wallet.resync(await self._developer_balance(account_id, sandbox))

@@ -385,8 +385,7 @@ class _SqliteJournal:
         # developer book → those charges' total.
         self._conn: sqlite3.Connection | None = None
         self._backlog: list[PendingCharge | _Segment] = []
-        self._unposted: dict[str, int] = defaultdict(int)
-        self._books: dict[tuple[str, bool], str] = {}  # (account, sandbox) → developer book
+        self._unposted: dict[tuple[str, bool], int] = defaultdict(int)
         self._closing = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -455,8 +454,8 @@ class _SqliteJournal:
         """Posts every charge written so far; returns how many that was."""
         return int(await self._call(self._post_backlog))
 
-    async def developer_balance(self, book: str) -> int:
-        return int(await self._call(self._developer_balance, book))
+    async def developer_balance(self, account_id: str, sandbox: bool) -> int:
+        return int(await self._call(self._developer_balance, account_id, sandbox))
 
     async def close(self) -> None:
         """Writes what was submitted, posts everything, closes; the thread then ends."""
@@ -541,7 +540,7 @@ class _SqliteJournal:
             except IndexError:
                 return
             if not isinstance(item, _Segment):
-                self._unposted[self._book(item)] += item.charged_micros
+                self._unposted[item.account_id, item.sandbox] += item.charged_micros
             self._backlog.append(item)
 
     def _post_backlog(self) -> int:
@@ -580,16 +579,7 @@ class _SqliteJournal:
             return
         unposted = self._unposted
         for charge in run:
-            unposted[self._book(charge)] -= charge.charged_micros
-
-    def _book(self, charge: PendingCharge) -> str:
-        key = (charge.account_id, charge.sandbox)
-        book = self._books.get(key)
-        if book is None:
-            if len(self._books) >= 65_536:  # a cache of the accounts seen lately
-                self._books.clear()
-            book = self._books[key] = developer_book(charge.account_id, sandbox=charge.sandbox)
-        return book
+            unposted[charge.account_id, charge.sandbox] -= charge.charged_micros
 
     def _keep_refused(self, charge: PendingCharge, error: Exception) -> None:
         # Settled and answered, but the ledger refuses it: kept for an operator. Its amount
@@ -642,7 +632,7 @@ class _SqliteJournal:
         found.extend(PendingCharge.from_json(body) for _, body in rows)
         fresh = self._not_posted(found)
         for charge in fresh:
-            self._unposted[self._book(charge)] += charge.charged_micros
+            self._unposted[charge.account_id, charge.sandbox] += charge.charged_micros
         # Charges first, then the segments they came from: deleted once all are posted.
         self._backlog[:0] = fresh
         self._post_backlog()
@@ -700,13 +690,14 @@ class _SqliteJournal:
                 fresh.append(charge)
         return fresh
 
-    def _developer_balance(self, book: str) -> int:
+    def _developer_balance(self, account_id: str, sandbox: bool) -> int:
+        book = developer_book(account_id, sandbox=sandbox)
         found = (
             self._connection()
             .execute("SELECT amount_micros FROM balances WHERE book = ?", (book,))
             .fetchone()
         )
-        return (int(found[0]) if found else 0) - self._unposted.get(book, 0)
+        return (int(found[0]) if found else 0) - self._unposted.get((account_id, sandbox), 0)
 
     def _close(self) -> None:
         try:
@@ -942,12 +933,12 @@ class SettlementWriter:
         if self._journal is not None:
             await self._journal.post_all()
 
-    async def developer_balance(self, book: str) -> int | None:
+    async def developer_balance(self, account_id: str, sandbox: bool) -> int | None:
         """A developer book's balance net of charges not yet posted (None: read the
         ledger, nothing is pending outside it)."""
         if self._journal is None:
             return None
-        return await self._journal.developer_balance(book)
+        return await self._journal.developer_balance(account_id, sandbox)
 
     async def _run(self) -> None:
         while True:
