@@ -382,7 +382,7 @@ class _SqliteJournal:
         self._queue: SimpleQueue[_Call | None] = SimpleQueue()
         self._idle = False
         # The thread's: the connection, what it took and has not posted (in order), and
-        # developer book → those charges' total.
+        # (account, sandbox) → those charges' total (the developer book they left).
         self._conn: sqlite3.Connection | None = None
         self._backlog: list[PendingCharge | _Segment] = []
         self._unposted: dict[tuple[str, bool], int] = defaultdict(int)
