@@ -105,20 +105,23 @@ async def _request_billing(path: Path, developer: str, provider: str, n: int) ->
     pricing = Pricing(input_per_1m_micros=100_000, output_per_1m_micros=200_000)
 
     async def one() -> None:
-        hold = await billing.hold(
-            principal,
-            model="smollm2-135m-instruct-q4_1",
-            pricing=pricing,
-            amount_micros=billing.quote(pricing, ("Say hello",), 16),
-            job_id=new_id("job"),
-        )
-        await billing.settle(
-            hold,
-            prompt_tokens=12,
-            completion_tokens=16,
-            device_id="dev_bench",
-            provider_account_id=provider,
-        )
+        # As ``api/running.py`` calls them: the fast paths, the general ones if they decline.
+        model = "smollm2-135m-instruct-q4_1"
+        amount = billing.quote(pricing, ("Say hello",), 16)
+        job_id = new_id("job")
+        hold = billing.hold_now(principal, model, pricing, amount, job_id)
+        if hold is None:
+            hold = await billing.hold(
+                principal, model=model, pricing=pricing, amount_micros=amount, job_id=job_id
+            )
+        if billing.settle_now(hold, 12, 16, "dev_bench", provider, model, pricing) is None:
+            await billing.settle(
+                hold,
+                prompt_tokens=12,
+                completion_tokens=16,
+                device_id="dev_bench",
+                provider_account_id=provider,
+            )
 
     try:
         for _ in range(200):

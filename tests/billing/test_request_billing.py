@@ -13,9 +13,15 @@ import pytest
 from sqlalchemy import func, select
 
 from swarmgate.accounts import service
+from swarmgate.accounts.keys import Principal
+from swarmgate.api.running import admit, new_job_id, release
 from swarmgate.billing.ledger import PLATFORM_REVENUE, developer_book, holds_book, provider_book
 from swarmgate.billing.pricing import job_cost_micros, split_earnings
+from swarmgate.billing.service import prompt_token_bound
 from swarmgate.catalog import Catalog
+from swarmgate.protocol import ChatMessage, SamplingParams
+from swarmgate.routing.choice import Route
+from swarmgate.routing.dispatch import JobSpec
 from swarmgate.store.tables import api_keys, balances, charges, ledger_entries
 from tests.conftest import LiveGateway, fast_settings, start_gateway, stop_gateway
 
@@ -360,3 +366,47 @@ async def test_a_failed_async_job_gives_its_hold_back(priced: LiveGateway) -> No
     assert job["status"] == "failed"
     found = await books(priced, developer_book(account), holds_book(account))
     assert found == {developer_book(account): 1_000_000, holds_book(account): 0}
+
+
+async def test_admission_caps_the_route_at_what_the_hold_covers(priced: LiveGateway) -> None:
+    """The hold covers the dearest device a request may land on now; admission caps the
+    request's route at that price per model, so a dearer device joining later is not
+    used for it. A request's own route is capped in place, a shared default copied."""
+    await priced.add_sim_device(length=10)
+    account, key_id, _ = await developer(priced, 1_000_000)
+    principal = Principal(account, key_id, "live")
+    gateway = priced.gateway
+    catalog_price = gateway.device_price(None, MODEL)
+
+    def spec(route: Route | None) -> JobSpec:
+        return JobSpec(
+            new_job_id("chatcmpl-"),
+            account,
+            key_id,
+            "chat",
+            MODEL,
+            (ChatMessage(role="user", content="cap me"),),
+            SamplingParams(max_tokens=16, temperature=0.0, top_p=1.0),
+            False,
+            route,
+        )
+
+    own = Route(models=(MODEL,), max_tokens=16)
+    admitted = await admit(gateway, principal, spec(own))
+    assert admitted.spec.route is own and own.price_caps == {MODEL: catalog_price}
+    assert admitted.hold is not None
+    assert admitted.hold.amount_micros == job_cost_micros(
+        catalog_price, prompt_bound(admitted.spec), 16
+    )
+    release(gateway, admitted)
+    bare = spec(None)
+    admitted = await admit(gateway, principal, bare)
+    assert bare.route is None  # the caller's spec is left as it was
+    assert admitted.spec.route is not None
+    assert admitted.spec.route.price_caps == {MODEL: catalog_price}
+    release(gateway, admitted)
+    assert gateway.billing.holds_open == 0
+
+
+def prompt_bound(spec: JobSpec) -> int:
+    return prompt_token_bound(message.content for message in spec.messages)

@@ -20,7 +20,7 @@ from swarmgate.accounts.limits import Admission
 from swarmgate.api.schemas import RoutingFields
 from swarmgate.api.streaming import PacedStreamingResponse
 from swarmgate.billing.pricing import max_cost_micros
-from swarmgate.billing.service import BilledPart, RequestHold, prompt_token_bound
+from swarmgate.billing.service import BilledPart, Charge, RequestHold, prompt_token_bound
 from swarmgate.catalog import FREE, CatalogModel, Pricing
 from swarmgate.errors import (
     CloudUnavailable,
@@ -197,19 +197,27 @@ async def admit(gateway: Gateway, principal: Principal, spec: JobSpec) -> Admitt
     )
     if not gateway.billing.enabled:
         return Admitted(admission, None, spec)
-    amount, pricing, model = hold_bound(spec, entry, cloud, pools, prompt_bound)
-    caps = {pool.model: pool.price_ceiling(route.max_price) for pool in pools}
-    spec = spec.with_route(route.capped_each(caps))
+    caps: dict[str, Pricing] = {}
+    amount, pricing, model = hold_bound(spec, entry, cloud, pools, prompt_bound, caps)
+    if spec.route is route:
+        # The request's own route (``build_route`` makes one per request): capped in
+        # place, once, before the job is dispatched; cheaper than copying it and the spec.
+        route.price_caps = caps
+    else:
+        spec = spec.with_route(route.capped_each(caps))
     tracing = gateway.tracing
     traced = None if tracing is None else tracing.billing("hold", spec.job_id)
+    billing = gateway.billing
     try:
-        hold = await gateway.billing.hold(
-            principal,
-            model=model,
-            pricing=pricing,
-            amount_micros=amount,
-            job_id=spec.job_id,
-        )
+        hold = billing.hold_now(principal, model, pricing, amount, spec.job_id)
+        if hold is None:
+            hold = await billing.hold(
+                principal,
+                model=model,
+                pricing=pricing,
+                amount_micros=amount,
+                job_id=spec.job_id,
+            )
     except BaseException as exc:
         gateway.limiter.finish(admission, 0)
         if traced is not None:
@@ -226,10 +234,12 @@ def hold_bound(
     cloud: bool,
     pools: list[ModelPool],
     prompt_bound: int,
+    caps: dict[str, Pricing] | None = None,
 ) -> tuple[int, Pricing, str]:
     """The most ``spec`` may cost — (amount, pricing, model) — at the dearest price among
     its candidates (within the request's own max_price), and the cloud's where an
-    upstream may serve it; times the job's rate."""
+    upstream may serve it; times the job's rate. ``caps`` gets each pool's price the
+    hold covers (model → price, before the rate)."""
     max_tokens = spec.params.max_tokens
     amount, pricing, model = 0, FREE, spec.model
     if cloud and entry is not None and not spec.privacy_mode:
@@ -237,7 +247,10 @@ def hold_bound(
         amount = max_cost_micros(pricing, prompt_bound, max_tokens)
     max_price = spec.routing.max_price
     for pool in pools:
-        ceiling = at_rate(pool.price_ceiling(max_price), spec.rate_bps)
+        cap = pool.price_ceiling(max_price)
+        if caps is not None:
+            caps[pool.model] = cap
+        ceiling = at_rate(cap, spec.rate_bps)
         cost = max_cost_micros(ceiling, prompt_bound, max_tokens)
         if cost >= amount:
             amount, pricing, model = cost, ceiling, pool.model
@@ -267,25 +280,11 @@ async def settle(gateway: Gateway, admitted: Admitted, execution: Execution) -> 
     rate = execution.spec.rate_bps
     tracing = gateway.tracing
     traced = None if tracing is None else tracing.billing("settle", execution.spec.job_id)
+    billing = gateway.billing
+    charge: Charge | None
     try:
-        if execution.inference_type == "cloud":
-            charge = await gateway.billing.settle(
-                admitted.hold,
-                prompt_tokens=completion.prompt_tokens,
-                completion_tokens=completion.completion_tokens,
-                device_id=None,
-                provider_account_id=None,  # no provider: the platform pays the upstream
-                model=execution.spec.model,
-                pricing=at_rate(
-                    gateway.cloud_price(
-                        execution.spec.model,
-                        byok=bool(execution.cloud_run and execution.cloud_run.byok),
-                    ),
-                    rate,
-                ),
-            )
-        elif execution.parts:
-            charge = await gateway.billing.settle_parts(
+        if execution.parts:
+            charge = await billing.settle_parts(
                 admitted.hold,
                 [
                     BilledPart(
@@ -300,19 +299,39 @@ async def settle(gateway: Gateway, admitted: Admitted, execution: Execution) -> 
                 ],
             )
         else:
-            device = execution.device
-            model = execution.model or execution.spec.model
-            charge = await gateway.billing.settle(
+            if execution.inference_type == "cloud":
+                # No provider: the platform pays the upstream.
+                device_id = provider_account_id = None
+                model = execution.spec.model
+                run = execution.cloud_run
+                price = gateway.cloud_price(model, byok=bool(run and run.byok))
+            else:
+                device = execution.device
+                device_id = device.device_id if device else None
+                provider_account_id = device.account_id if device else None
+                model = execution.model or execution.spec.model
+                price = gateway.device_price(device_id, model)
+            pricing = at_rate(price, rate)
+            # Positional, and without a coroutine where it can be: this runs on every request.
+            charge = billing.settle_now(
                 admitted.hold,
-                prompt_tokens=completion.prompt_tokens,
-                completion_tokens=completion.completion_tokens,
-                device_id=device.device_id if device else None,
-                provider_account_id=device.account_id if device else None,
-                model=model,
-                pricing=at_rate(
-                    gateway.device_price(device.device_id if device else None, model), rate
-                ),
+                completion.prompt_tokens,
+                completion.completion_tokens,
+                device_id,
+                provider_account_id,
+                model,
+                pricing,
             )
+            if charge is None:
+                charge = await billing.settle(
+                    admitted.hold,
+                    prompt_tokens=completion.prompt_tokens,
+                    completion_tokens=completion.completion_tokens,
+                    device_id=device_id,
+                    provider_account_id=provider_account_id,
+                    model=model,
+                    pricing=pricing,
+                )
     except BaseException as exc:
         if traced is not None:
             traced.end(exc)

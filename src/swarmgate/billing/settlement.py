@@ -133,24 +133,49 @@ class PendingCharge:
     def add_postings(self, moved: dict[str, int]) -> None:
         """Adds this charge's postings to ``moved`` (book → amount): what a batch nets
         per transaction, without a Posting object per charge."""
-        charged = self.charged_micros
-        developer = developer_book(self.account_id, sandbox=self.sandbox)
-        if self.hold_id is not None:
-            # The whole hold leaves the holds book; what was not spent goes back.
-            held = self.held_micros
-            book = holds_book(self.account_id, sandbox=self.sandbox)
-            moved[book] = moved.get(book, 0) - held
-            moved[developer] = moved.get(developer, 0) + held - charged
-        else:
-            moved[developer] = moved.get(developer, 0) - charged
-        if self.sandbox:
-            moved[SANDBOX_USAGE] = moved.get(SANDBOX_USAGE, 0) + charged
-        elif self.provider_account_id is None:
-            moved[PLATFORM_REVENUE] = moved.get(PLATFORM_REVENUE, 0) + charged
-        else:
-            provider = provider_book(self.provider_account_id)
-            moved[provider] = moved.get(provider, 0) + self.provider_micros
-            moved[PLATFORM_REVENUE] = moved.get(PLATFORM_REVENUE, 0) + self.platform_micros
+        add_postings(
+            moved,
+            self.account_id,
+            self.sandbox,
+            self.provider_account_id,
+            self.charged_micros,
+            self.provider_micros,
+            self.platform_micros,
+            self.hold_id,
+            self.held_micros,
+        )
+
+
+def add_postings(
+    moved: dict[str, int],
+    account_id: str,
+    sandbox: bool,
+    provider_account_id: str | None,
+    charged: int,
+    provider_micros: int,
+    platform_micros: int,
+    hold_id: str | None = None,
+    held: int = 0,
+) -> None:
+    """Adds to ``moved`` (book → amount) the postings of a charge — or of several charges
+    of one account, sandbox flag and provider, summed: the postings are linear in the
+    amounts, so their sum nets to what the charges' own postings net to."""
+    developer = developer_book(account_id, sandbox=sandbox)
+    if hold_id is not None:
+        # The whole hold leaves the holds book; what was not spent goes back.
+        book = holds_book(account_id, sandbox=sandbox)
+        moved[book] = moved.get(book, 0) - held
+        moved[developer] = moved.get(developer, 0) + held - charged
+    else:
+        moved[developer] = moved.get(developer, 0) - charged
+    if sandbox:
+        moved[SANDBOX_USAGE] = moved.get(SANDBOX_USAGE, 0) + charged
+    elif provider_account_id is None:
+        moved[PLATFORM_REVENUE] = moved.get(PLATFORM_REVENUE, 0) + charged
+    else:
+        provider = provider_book(provider_account_id)
+        moved[provider] = moved.get(provider, 0) + provider_micros
+        moved[PLATFORM_REVENUE] = moved.get(PLATFORM_REVENUE, 0) + platform_micros
 
 
 class ChargeRefused(Exception):
@@ -228,8 +253,24 @@ def plan_batch(batch: list[PendingCharge], *, for_sqlite: bool = False) -> _Batc
             )
         )
         moved: dict[str, int] = {}
+        # (sandbox, provider) → [charged, provider's, platform's]: summed per charge, the
+        # postings made once per sum (``add_postings``), not once per charge.
+        sums: dict[tuple[bool, str | None], list[int]] = {}
         for charge in group:
-            charge.add_postings(moved)
+            if charge.hold_id is not None:
+                charge.add_postings(moved)
+            else:
+                total = sums.get((charge.sandbox, charge.provider_account_id))
+                if total is None:
+                    sums[charge.sandbox, charge.provider_account_id] = [
+                        charge.charged_micros,
+                        charge.provider_micros,
+                        charge.platform_micros,
+                    ]
+                else:
+                    total[0] += charge.charged_micros
+                    total[1] += charge.provider_micros
+                    total[2] += charge.platform_micros
             charge_rows.append(
                 (
                     charge.job_id,
@@ -250,6 +291,8 @@ def plan_batch(batch: list[PendingCharge], *, for_sqlite: bool = False) -> _Batc
             )
             if charge.hold_id is not None:
                 claims.append((charge.hold_id, charge.charged_micros))
+        for (sandbox, provider_id), (charged, provider, platform) in sums.items():
+            add_postings(moved, account_id, sandbox, provider_id, charged, provider, platform)
         for book, amount in balanced(Posting(book, amount) for book, amount in moved.items()):
             entries.append((txn, book, amount))
             net[book] += amount
@@ -309,9 +352,9 @@ class _Segment:
 
     def append(self, data: bytes) -> None:
         """Appends all of ``data``, or raises OSError leaving none of it in the file."""
-        written = 0
         try:
-            while written < len(data):
+            written = os.write(self.fd, data)
+            while written < len(data):  # a short write (a signal, a disk filling): the rest
                 written += os.write(self.fd, data[written:])
         except OSError:
             with contextlib.suppress(OSError):
@@ -882,6 +925,9 @@ class SettlementWriter:
         self._task: asyncio.Task[None] | None = None
         self._running = False
         self._batches = 0
+        # The SQLite journal while the writer runs, else None: a charge appended to it is
+        # durable when ``append`` returns (``Billing.settle_now``'s test for its fast path).
+        self.journal: _SqliteJournal | None = None
 
     @property
     def batches(self) -> int:
@@ -899,6 +945,7 @@ class SettlementWriter:
 
     def start(self) -> None:
         self._running = True
+        self.journal = self._journal
         if self._journal is None:
             self._task = asyncio.create_task(self._run(), name="settlement-writer")
 
@@ -976,6 +1023,7 @@ class SettlementWriter:
     async def stop(self) -> None:
         """Makes everything already submitted durable and posted, then stops."""
         self._running = False
+        self.journal = None
         if self._journal is not None:
             await self._journal.close()
             return

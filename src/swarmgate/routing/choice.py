@@ -82,7 +82,9 @@ _WHY = {
 }
 
 
-# Not frozen, like JobSpec: built per request on the hot path; never mutated.
+# Not frozen, like JobSpec: built per request on the hot path. Admission sets the
+# request's own route's ``price_caps`` once, before the job is dispatched (``admit``);
+# nothing else changes one.
 @dataclass(slots=True)
 class Route:
     """A request's routing controls."""
