@@ -626,8 +626,9 @@ class Billing:
         model, or to a device with its own price, is charged for what served it.
         Raises BillingError (503, nothing charged) if the charge could not be written;
         the caller must then not deliver the answer as a paid one.
-        (A plain function returning ``settle_parts``'s coroutine: one coroutine less on
-        every request.)
+        (A plain function: it settles at once where ``settle_now`` can — raising there and
+        then if the charge is refused — and returns a coroutine that hands the charge
+        back, else ``settle_parts``'s coroutine.)
         """
         model = model or hold.model
         pricing = pricing or hold.pricing
