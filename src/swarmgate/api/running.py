@@ -322,15 +322,19 @@ async def settle(gateway: Gateway, admitted: Admitted, execution: Execution) -> 
                 model,
                 pricing,
             )
-            if charge is None:
-                charge = await billing.settle(
+            if charge is None:  # the general path, without trying the fast one again
+                charge = await billing.settle_parts(
                     admitted.hold,
-                    prompt_tokens=completion.prompt_tokens,
-                    completion_tokens=completion.completion_tokens,
-                    device_id=device_id,
-                    provider_account_id=provider_account_id,
-                    model=model,
-                    pricing=pricing,
+                    (
+                        BilledPart(
+                            device_id,
+                            provider_account_id,
+                            model,
+                            pricing,
+                            completion.prompt_tokens,
+                            completion.completion_tokens,
+                        ),
+                    ),
                 )
     except BaseException as exc:
         if traced is not None:
